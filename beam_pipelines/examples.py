@@ -1,0 +1,218 @@
+"""Query features and (query, positive) examples, built the same way everywhere.
+
+Preprocessing builds training/eval examples with these functions; batch
+scoring and the frontend build a user's query features with the very same
+`user_text` and `history_for` so that what the model sees at serving time is
+what it was trained on. Pure Python: no Beam, no TensorFlow at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Optional, Sequence
+
+from trainer import features
+
+# Split policies.
+LEAVE_LAST_N = "leave_last_n"
+GLOBAL_CUTOFF = "global_cutoff"
+SPLITS = (LEAVE_LAST_N, GLOBAL_CUTOFF)
+
+TRAIN = "train"
+EVAL = "eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExamplePolicy:
+    """How one user's timeline becomes examples.
+
+    split: LEAVE_LAST_N (the last `leave_last_n` events of each user are eval
+      targets) or GLOBAL_CUTOFF (events at or after `cutoff` are eval targets).
+    max_history: history_item_ids kept per example, most recent first.
+    text_history: recent item titles folded into user_text.
+    max_examples_per_user: most recent training cut points kept per user
+      (0 keeps every one).
+    min_history: training targets with fewer history items are skipped.
+    """
+
+    split: str = LEAVE_LAST_N
+    leave_last_n: int = 1
+    cutoff: Optional[int] = None
+    max_history: int = features.MAX_HISTORY
+    text_history: int = features.TEXT_HISTORY
+    max_examples_per_user: int = 0
+    min_history: int = 0
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.split == LEAVE_LAST_N and self.leave_last_n < 1:
+            raise ValueError(f"leave_last_n must be >= 1, got {self.leave_last_n}")
+        if self.max_history < 1 or self.text_history < 0:
+            raise ValueError("max_history must be >= 1 and text_history >= 0")
+        if self.max_examples_per_user < 0 or self.min_history < 0:
+            raise ValueError("max_examples_per_user and min_history must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One accepted interaction of a user (already validated)."""
+
+    item_id: str
+    timestamp: int
+    weight: float = 1.0
+
+
+def profile_text(attributes: Mapping[str, str]) -> str:
+    """A user's profile as text, e.g. "age 24, gender M, occupation technician".
+
+    Attributes come in sorted key order, so the same profile always gives the
+    same text (and the same cached encoder output).
+    """
+    parts = [f"{k} {v}" for k, v in sorted(attributes.items()) if str(v).strip()]
+    return ", ".join(parts)
+
+
+def user_text(attributes: Mapping[str, str], recent_titles: Sequence[str]) -> str:
+    """The text the user tower's BERT reads: profile + most recent item titles.
+
+    recent_titles: most recent first, already bounded by the caller.
+    """
+    profile = profile_text(attributes)
+    text = f"user: {profile}." if profile else "user: unknown."
+    titles = [t for t in recent_titles if t]
+    if titles:
+        text += " recent: " + "; ".join(titles) + "."
+    return text
+
+
+def history_for(events: Sequence[Event], before: int, max_history: int) -> list:
+    """Item ids of `events` strictly earlier than `before`, most recent first.
+
+    events: sorted by (timestamp, item_id). An item seen several times keeps
+    only its most recent position; nothing at or after `before` is used, so a
+    query never sees its own target or anything later.
+    """
+    out, seen = [], set()
+    for event in reversed(events):
+        if event.timestamp >= before:
+            continue
+        if event.item_id in seen:
+            continue
+        seen.add(event.item_id)
+        out.append(event.item_id)
+        if len(out) >= max_history:
+            break
+    return out
+
+
+def sort_events(events: Iterable[Event]) -> list:
+    return sorted(events, key=lambda e: (e.timestamp, e.item_id))
+
+
+def split_events(events: Sequence[Event], policy: ExamplePolicy) -> tuple:
+    """(train_events, eval_events) of one user's sorted timeline.
+
+    Leave-last-n: a user with n or fewer events has no eval target (all of
+    them train), so every eval query has at least one training event behind
+    it. Global cutoff: events at or after the cutoff are eval targets.
+    """
+    if policy.split == LEAVE_LAST_N:
+        n = policy.leave_last_n
+        if len(events) <= n:
+            return list(events), []
+        return list(events[:-n]), list(events[-n:])
+    cutoff = policy.cutoff
+    if cutoff is None:
+        raise ValueError("global_cutoff split needs a cutoff timestamp")
+    return [e for e in events if e.timestamp < cutoff], [e for e in events if e.timestamp >= cutoff]
+
+
+def build_user_examples(
+    user_id: str,
+    events: Sequence[Event],
+    attributes: Mapping[str, str],
+    titles: Mapping[str, str],
+    policy: ExamplePolicy,
+) -> tuple:
+    """All (split, example dict) of one user, and the number skipped.
+
+    events: the user's accepted events, any order. Eval queries see only the
+    user's training-period events (strictly earlier than their target), so
+    nothing from the eval period leaks into any query, train or eval.
+
+    Returns (examples, skipped_min_history) where examples is a list of
+    (TRAIN|EVAL, dict with the features.EXAMPLE_FEATURES keys).
+    """
+    events = sort_events(events)
+    train_events, eval_events = split_events(events, policy)
+    targets = [(TRAIN, i, e) for i, e in enumerate(train_events)]
+    if policy.max_examples_per_user > 0:
+        targets = targets[-policy.max_examples_per_user :]
+    out, skipped = [], 0
+    for split, _, target in targets:
+        history = history_for(train_events, target.timestamp, policy.max_history)
+        if len(history) < policy.min_history:
+            skipped += 1
+            continue
+        out.append((split, _example(user_id, target, history, attributes, titles, policy)))
+    for target in eval_events:
+        history = history_for(train_events, target.timestamp, policy.max_history)
+        out.append((EVAL, _example(user_id, target, history, attributes, titles, policy)))
+    return out, skipped
+
+
+def _example(user_id, target: Event, history, attributes, titles, policy: ExamplePolicy) -> dict:
+    recent_titles = [titles.get(i, "") for i in history[: policy.text_history]]
+    return {
+        features.USER_ID: user_id,
+        features.USER_TEXT: user_text(attributes, recent_titles),
+        features.HISTORY_ITEM_IDS: list(history),
+        features.ITEM_ID: target.item_id,
+        features.TIMESTAMP: int(target.timestamp),
+        features.WEIGHT: float(target.weight),
+    }
+
+
+def serialize_example(example: Mapping) -> bytes:
+    """A features.EXAMPLE_FEATURES dict as a serialized tf.train.Example."""
+    import tensorflow as tf
+
+    def b(values):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode("utf-8") for v in values]))
+
+    feats = {
+        features.USER_ID: b([example[features.USER_ID]]),
+        features.USER_TEXT: b([example[features.USER_TEXT]]),
+        features.HISTORY_ITEM_IDS: b(example[features.HISTORY_ITEM_IDS]),
+        features.ITEM_ID: b([example[features.ITEM_ID]]),
+        features.TIMESTAMP: tf.train.Feature(int64_list=tf.train.Int64List(value=[example[features.TIMESTAMP]])),
+        features.WEIGHT: tf.train.Feature(float_list=tf.train.FloatList(value=[example[features.WEIGHT]])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def item_text(title: str, categories: Sequence[str], description: str) -> str:
+    """The item's text: title, categories and description in one string."""
+    text = title
+    if categories:
+        text += " | " + ", ".join(categories)
+    if description:
+        text += " | " + description
+    return text
+
+
+def serialize_item(item_id: str, title: str, categories: Sequence[str], description: str) -> bytes:
+    """A catalog entry as a serialized tf.train.Example (features.ITEM_FEATURES)."""
+    import tensorflow as tf
+
+    def b(values):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode("utf-8") for v in values]))
+
+    feats = {
+        features.ITEM_ID: b([item_id]),
+        features.ITEM_TITLE: b([title]),
+        features.ITEM_TEXT: b([item_text(title, categories, description)]),
+        features.ITEM_CATEGORIES: b(list(categories)),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()

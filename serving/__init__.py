@@ -1,0 +1,3 @@
+"""segrec serving: export, development gRPC server, client."""
+
+from trainer import _env  # noqa: F401  (must run before tensorflow is imported)

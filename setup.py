@@ -1,0 +1,61 @@
+"""segrec: a two-tower recommender with segment-aware retrieval.
+
+One distribution holding the packages `trainer`, `serving` and
+`beam_pipelines`. Beam workers (Dataflow) install it from this file through
+`--setup_file ./setup.py`.
+"""
+
+from setuptools import find_packages, setup
+
+# Pinned together: scann 1.4.2 is built against tensorflow 2.20, and
+# tensorflow-text / tf-keras / tensorflow-serving-api must match it.
+INSTALL_REQUIRES = [
+    "tensorflow==2.20.*",
+    "tf-keras==2.20.*",
+    "tensorflow-text==2.20.*",
+    "tensorflow-recommenders==0.7.7",
+    "keras-nlp==0.32.*",
+    "keras-hub==0.32.*",
+    "scann[tf]==1.4.2",
+    "apache-beam[tfrecord]==2.77.*",
+    # Fast CRC32C for TFRecord writes (Beam falls back to crcmod).
+    "google-crc32c>=1.5",
+    "tensorflow-serving-api==2.20.*",
+    # Beam's TensorFlow RunInference handler imports tensorflow_hub.
+    "tensorflow-hub>=0.16,<0.17",
+    # keras-hub reads the pretrained encoder's model.safetensors.
+    "safetensors>=0.4",
+    "numpy>=1.26,<3",
+    "pandas>=2.2",
+    "pyarrow>=14",
+    "scikit-learn>=1.4",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+    "prometheus-client>=0.20",
+]
+
+EXTRAS_REQUIRE = {
+    # Beam on Dataflow (GCS, BigQuery sinks).
+    "gcp": ["apache-beam[gcp]==2.77.*"],
+    # `segrec vertex submit`.
+    "vertex": ["google-cloud-aiplatform>=1.60"],
+    "dev": [
+        "pytest>=8",
+        "hypothesis>=6.100",
+    ],
+}
+
+setup(
+    name="segrec",
+    version="0.1.0",
+    description="Two-tower recommender with segment-aware retrieval (Beam, TF, keras-hub BERT, ScaNN, TF Serving).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["trainer", "trainer.*", "serving", "serving.*", "beam_pipelines", "beam_pipelines.*"]),
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["segrec=trainer.cli:main"]},
+    license="Apache-2.0",
+)

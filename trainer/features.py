@@ -1,0 +1,96 @@
+"""Every feature name, file name and shared limit of segrec, in one place.
+
+Beam pipelines write these names, the trainer reads them and the serving
+signatures expose them; nothing else spells a feature name as a literal.
+Importing this module does not import TensorFlow (Beam workers that only
+parse rows stay light); the `*_spec()` helpers import it when called.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# --- Query/positive examples (train-*.tfrecord.gz, eval-*.tfrecord.gz) -------
+USER_ID = "user_id"  # bytes, the raw user id
+USER_TEXT = "user_text"  # bytes, profile + most recent item titles
+HISTORY_ITEM_IDS = "history_item_ids"  # bytes list, most recent first, bounded
+ITEM_ID = "item_id"  # bytes, the positive (target) item
+TIMESTAMP = "timestamp"  # int64, epoch seconds of the target interaction
+WEIGHT = "weight"  # float, the example weight
+
+EXAMPLE_FEATURES = (USER_ID, USER_TEXT, HISTORY_ITEM_IDS, ITEM_ID, TIMESTAMP, WEIGHT)
+
+# --- Item catalog (items-*.tfrecord.gz) -------------------------------------
+# ITEM_ID as above.
+ITEM_TITLE = "title"  # bytes, human-readable title
+ITEM_TEXT = "item_text"  # bytes, title + categories + description
+ITEM_CATEGORIES = "categories"  # bytes list
+
+ITEM_FEATURES = (ITEM_ID, ITEM_TITLE, ITEM_TEXT, ITEM_CATEGORIES)
+
+# --- Model / serving inputs and outputs -------------------------------------
+K = "k"  # int32 scalar, number of results (request-time knob)
+BETA = "beta"  # float32 scalar, segment pull of the query (request-time knob)
+EXAMPLES = "examples"  # serialized tf.Example, serving_tf_example input
+OUT_ITEM_IDS = "item_ids"  # [B, k] string
+OUT_SCORES = "scores"  # [B, k] float32
+EMBEDDING = "embedding"  # [B, d] float32
+SEGMENT_ID = "segment_id"  # [B] int32
+SEGMENT_PROBS = "segment_probs"  # [B, K] float32
+
+# --- Limits shared by preprocessing and serving ------------------------------
+MAX_HISTORY = 50  # history_item_ids kept per example (most recent first)
+TEXT_HISTORY = 5  # recent item titles folded into user_text
+PAD_ITEM_ID = ""  # padding value of history_item_ids in dense batches
+
+# --- Dataset dir layout -------------------------------------------------------
+TRAIN_PREFIX = "train"
+EVAL_PREFIX = "eval"
+ITEMS_PREFIX = "items"
+TFRECORD_SUFFIX = ".tfrecord.gz"
+TRAIN_PATTERN = TRAIN_PREFIX + "-*" + TFRECORD_SUFFIX
+EVAL_PATTERN = EVAL_PREFIX + "-*" + TFRECORD_SUFFIX
+ITEMS_PATTERN = ITEMS_PREFIX + "-*" + TFRECORD_SUFFIX
+USERS_FILE = "users.jsonl"  # user_id + profile attributes, for segment profiles
+VOCAB_DIR = "vocab"
+USER_VOCAB = "vocab/user_ids.txt"  # one id a line, by training frequency
+ITEM_VOCAB = "vocab/item_ids.txt"  # one id a line: training frequency desc, then id
+ITEM_COUNTS = "vocab/item_counts.tsv"  # item_id <TAB> training positives
+CATEGORY_VOCAB = "vocab/categories.txt"
+STATS_FILE = "stats.json"
+METADATA_FILE = "metadata.json"
+DEAD_LETTER_DIR = "dead_letter"
+
+
+def example_feature_spec() -> dict:
+    """Parsing spec of a query/positive tf.Example (history is ragged)."""
+    import tensorflow as tf
+
+    return {
+        USER_ID: tf.io.FixedLenFeature([], tf.string),
+        USER_TEXT: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        HISTORY_ITEM_IDS: tf.io.RaggedFeature(tf.string),
+        ITEM_ID: tf.io.FixedLenFeature([], tf.string),
+        TIMESTAMP: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+        WEIGHT: tf.io.FixedLenFeature([], tf.float32, default_value=1.0),
+    }
+
+
+def item_feature_spec() -> dict:
+    """Parsing spec of a catalog tf.Example."""
+    import tensorflow as tf
+
+    return {
+        ITEM_ID: tf.io.FixedLenFeature([], tf.string),
+        ITEM_TITLE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        ITEM_TEXT: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        ITEM_CATEGORIES: tf.io.RaggedFeature(tf.string),
+    }
+
+
+# --- Trainer-internal batch features and model outputs -----------------------
+# Not in any TFRecord. make_dataset adds USER_TEXT_VECTOR when given a
+# TextCache (frozen encoder), so the model reads the cached pooled text vector
+# instead of running BERT on USER_TEXT. QUERY is a SegRecModel output.
+USER_TEXT_VECTOR = "user_text_vector"  # [B, hidden] float32, cached pooled text
+QUERY = "query"  # [B, d] float32, segment-aware query normalise(u + beta * c)
