@@ -18,7 +18,8 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines import readers, records
+from beam_pipelines import readers
+from beam_pipelines import readers_values as values, records
 
 # File name -> (kind, fields per line, separator).
 ML100K_FILES = {
@@ -107,10 +108,10 @@ def parse_ml100k(spec: readers.SourceSpec, row: records.RawRow) -> readers.Recor
     if spec.kind == records.INTERACTIONS:
         user_id, item_id, rating, ts = fields
         return records.Interaction(
-            user_id=readers.required_id("user_id", user_id),
-            item_id=readers.required_id("item_id", item_id),
-            timestamp=readers.timestamp("timestamp", ts, readers.TimestampRule.from_spec(spec)),
-            rating=readers.number("rating", rating) if rating.strip() else _missing("rating"),
+            user_id=values.required_id("user_id", user_id),
+            item_id=values.required_id("item_id", item_id),
+            timestamp=values.timestamp("timestamp", ts, values.TimestampRule.from_spec(spec)),
+            rating=values.number("rating", rating) if rating.strip() else _missing("rating"),
             location=row.location,
         )
     if spec.kind == records.ITEMS:
@@ -120,15 +121,15 @@ def parse_ml100k(spec: readers.SourceSpec, row: records.RawRow) -> readers.Recor
             raise records.RowError(records.BAD_NUMBER, f"genre flag {bad[0][0]}={bad[0][1]!r}, expected 0 or 1")
         release = fields[2].strip()
         return records.Item(
-            item_id=readers.required_id("item_id", fields[0]),
-            title=readers.required_text("title", fields[1]),
+            item_id=values.required_id("item_id", fields[0]),
+            title=values.required_text("title", fields[1]),
             categories=tuple(g for g, v in zip(spec.option("genres"), flags) if v.strip() == "1"),
             description=f"released {release}" if release else "",
             location=row.location,
         )
     return records.User(
-        user_id=readers.required_id("user_id", fields[0]),
-        attributes=readers.attributes(dict(zip(USER_ATTRIBUTES, fields[1:]))),
+        user_id=values.required_id("user_id", fields[0]),
+        attributes=values.attributes(dict(zip(USER_ATTRIBUTES, fields[1:]))),
         location=row.location,
     )
 

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_commands() -> None:
     # Importing the adapter modules registers their commands.
-    from trainer import cli_data, cli_demo  # noqa: F401
+    from trainer import cli_data, cli_demo, cli_model  # noqa: F401
+    from trainer import cli_vertex  # noqa: F401
 
 
 def setup_logging(verbose: bool) -> None:

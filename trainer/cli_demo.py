@@ -14,6 +14,8 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="--data ml-100k: a local copy of the MovieLens 100K files")
     p.add_argument("--size", default="small", help="generated data size preset (default: small)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--encoder", default="minilm", help="minilm (pretrained, default) or tiny (fast, for a quick look)")
+    p.add_argument("--epochs", type=int, default=8)
 
 
 @command("demo", "Run the main job end to end: generate -> preprocess -> ... on the embedded data.", beam=True)(_add_demo_args)
@@ -21,7 +23,8 @@ def run_demo(args: argparse.Namespace, beam_args) -> int:
     from trainer import demo
 
     config = demo.DemoConfig(output_dir=args.output_dir, data=args.data, data_dir=args.data_dir,
-                             size=args.size, seed=args.seed, beam_args=tuple(beam_args))
+                             size=args.size, seed=args.seed, encoder=args.encoder, epochs=args.epochs,
+                             beam_args=tuple(beam_args))
     try:
         demo.run(config)
     except demo.StageError as err:

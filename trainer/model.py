@@ -37,7 +37,13 @@ from trainer.towers import MAX_TEXT_TOKENS, ItemTower, UserTower, item_tokens
 
 @tf.function(autograph=True)
 def _retrieval_loss(task, query, candidates, sample_weight, sampling_probability, candidate_ids):
-    return task(
+    """Mean over the (per-replica) batch of the weighted in-batch softmax loss.
+
+    The task reduces with NONE: tf-keras refuses SUM_OVER_BATCH_SIZE inside a
+    tf.distribute strategy, and the mean is taken here instead (the
+    gradient's 1/replicas scaling happens in train_step).
+    """
+    per_example = task(
         query,
         candidates,
         sample_weight=sample_weight,
@@ -46,6 +52,8 @@ def _retrieval_loss(task, query, candidates, sample_weight, sampling_probability
         compute_metrics=False,
         compute_batch_metrics=False,
     )
+    batch = tf.cast(tf.shape(query)[0], per_example.dtype)
+    return tf.reduce_sum(per_example) / tf.maximum(batch, 1.0)
 
 
 class _Untracked:
@@ -197,7 +205,7 @@ class SegRecModel(keras.Model):
         self._task = _Untracked(
             tfrs.tasks.Retrieval(
                 loss=tf.keras.losses.CategoricalCrossentropy(
-                    from_logits=True, reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE
+                    from_logits=True, reduction=tf.keras.losses.Reduction.NONE
                 ),
                 temperature=self.retrieval_temperature,
                 remove_accidental_hits=self.remove_accidental_hits,
@@ -354,7 +362,9 @@ class SegRecModel(keras.Model):
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             losses = self.compute_losses(data, training=True)
-            scaled = self.optimizer.scale_loss(losses["loss"])
+            # Replicas' gradients are summed: each contributes its mean / replicas.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(losses["loss"] / float(replicas))
         grads = tape.gradient(scaled, variables)
         # The user-id embedding or the unused BERT pooler get no gradient.
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]

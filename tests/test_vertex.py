@@ -1,0 +1,173 @@
+"""trainer/vertex.py and `segrec vertex submit`: job specs as Vertex AI's own proto types, dry runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+pytest.importorskip("google.cloud.aiplatform_v1", reason="google-cloud-aiplatform not installed")
+
+from google.cloud.aiplatform_v1 import types  # noqa: E402
+
+from trainer import cli, vertex  # noqa: E402
+from trainer.vertex import VertexJobConfig  # noqa: E402
+
+PACKAGE = "gs://bucket/segrec/packages/abc/segrec-0.1.0.tar.gz"
+IMAGE = "us-central1-docker.pkg.dev/proj/segrec/train:1"
+TRAIN_ARGS = ("--dataset-dir", "gs://bucket/data", "--output-dir", "gs://bucket/runs/r1", "--epochs", "3")
+
+
+def _config(**overrides) -> VertexJobConfig:
+    settings = dict(project="proj", region="us-central1", display_name="t", package_uri=PACKAGE, args=TRAIN_ARGS)
+    settings.update(overrides)
+    return VertexJobConfig(**settings)
+
+
+def test_one_replica_one_t4_from_package():
+    job = vertex.build_custom_job(_config(accelerator_type="NVIDIA_TESLA_T4", accelerator_count=1))
+    assert isinstance(job, types.CustomJob) and job.display_name == "t"
+    (pool,) = job.job_spec.worker_pool_specs
+    assert pool.replica_count == 1
+    assert pool.machine_spec.machine_type == "n1-standard-8"
+    assert pool.machine_spec.accelerator_type == types.AcceleratorType.NVIDIA_TESLA_T4
+    assert pool.machine_spec.accelerator_count == 1
+    spec = pool.python_package_spec
+    assert list(spec.package_uris) == [PACKAGE] and spec.python_module == "trainer.task"
+    assert list(spec.args) == list(TRAIN_ARGS)
+    assert spec.executor_image_uri == vertex.DEFAULT_EXECUTOR_IMAGE_GPU
+    assert "container_spec" not in pool
+
+
+def test_three_replicas_from_container_image():
+    cfg = _config(package_uri=None, container_image_uri=IMAGE, replica_count=3, machine_type="n1-standard-16",
+                  base_output_dir="gs://bucket/jobs/j1", service_account="sa@proj.iam.gserviceaccount.com")
+    job = vertex.build_custom_job(cfg)
+    chief, workers = job.job_spec.worker_pool_specs
+    assert (chief.replica_count, workers.replica_count) == (1, 2)  # 1 chief + 2 workers = 3
+    for pool in (chief, workers):
+        assert pool.container_spec.image_uri == IMAGE
+        assert list(pool.container_spec.command) == ["python", "-m", "trainer.task"]
+        assert list(pool.container_spec.args) == list(TRAIN_ARGS)
+        assert pool.machine_spec.machine_type == "n1-standard-16"
+        assert pool.machine_spec.accelerator_type == types.AcceleratorType.ACCELERATOR_TYPE_UNSPECIFIED
+        assert "python_package_spec" not in pool
+    assert job.job_spec.base_output_directory.output_uri_prefix == "gs://bucket/jobs/j1"
+    assert job.job_spec.service_account == "sa@proj.iam.gserviceaccount.com"
+
+
+def test_worker_pool_specs_are_api_shaped_dicts():
+    specs = vertex.build_worker_pool_specs(_config(replica_count=2, accelerator_type="NVIDIA_L4", accelerator_count=2))
+    assert [s["replica_count"] for s in specs] == [1, 1]
+    assert specs[0]["machine_spec"] == {"machine_type": "n1-standard-8", "accelerator_type": "NVIDIA_L4",
+                                        "accelerator_count": 2}
+    assert specs[0]["python_package_spec"]["args"] == list(TRAIN_ARGS)
+    # The dicts are what aiplatform.CustomJob accepts: the proto type takes them as they are.
+    assert types.WorkerPoolSpec(**specs[1]).machine_spec.accelerator_count == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(accelerator_count=1), "needs --accelerator-type"),
+    (dict(accelerator_type="NVIDIA_TESLA_T4", accelerator_count=0), "needs --accelerator-count"),
+    (dict(replica_count=0), "--replica-count must be >= 1"),
+    (dict(container_image_uri=IMAGE), "exactly one of"),
+    (dict(package_uri=None), "exactly one of"),
+    (dict(package_uri="dist/segrec-0.1.0.tar.gz"), "gs:// URI"),
+    (dict(tensorboard="projects/p/locations/r/tensorboards/1", base_output_dir="gs://b/o"), "--service-account"),
+    (dict(project=""), "--project"),
+])
+def test_invalid_configs_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**overrides)
+
+
+def test_unknown_accelerator_is_rejected_by_name():
+    with pytest.raises(ValueError, match="NVIDIA_TESLA_X1.*NVIDIA_TESLA_T4"):
+        vertex.build_custom_job(_config(accelerator_type="NVIDIA_TESLA_X1", accelerator_count=1))
+
+
+def test_job_spec_json_is_the_rest_shape():
+    doc = json.loads(vertex.job_spec_json(_config(accelerator_type="NVIDIA_TESLA_T4", accelerator_count=1)))
+    pool = doc["jobSpec"]["workerPoolSpecs"][0]
+    assert pool["machineSpec"] == {"machineType": "n1-standard-8", "acceleratorType": "NVIDIA_TESLA_T4",
+                                   "acceleratorCount": 1}
+    assert int(pool["replicaCount"]) == 1  # int64 is a JSON string in the REST encoding
+    assert pool["pythonPackageSpec"]["args"] == list(TRAIN_ARGS)
+
+
+def _submit(capsys, *argv):
+    code = cli.main(["vertex", "submit", "--project", "proj", "--region", "us-central1", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_dry_run_prints_the_job(capsys):
+    code, out, err = _submit(
+        capsys, "--display-name", "nightly", "--machine-type", "n1-standard-4", "--accelerator-type",
+        "NVIDIA_TESLA_T4", "--accelerator-count", "2", "--replica-count", "3", "--container-image-uri", IMAGE,
+        "--dry-run", "--steps-per-epoch", "5", "--", "--dataset-dir", "gs://bucket/data", "--epochs", "3")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["displayName"] == "nightly"
+    pools = doc["jobSpec"]["workerPoolSpecs"]
+    assert [int(p["replicaCount"]) for p in pools] == [1, 2]
+    for pool in pools:
+        assert pool["machineSpec"] == {"machineType": "n1-standard-4", "acceleratorType": "NVIDIA_TESLA_T4",
+                                       "acceleratorCount": 2}
+        assert pool["containerSpec"]["imageUri"] == IMAGE
+        # Unknown flags and everything after `--` reach trainer.task in order.
+        assert pool["containerSpec"]["args"] == ["--steps-per-epoch", "5", "--dataset-dir", "gs://bucket/data",
+                                                 "--epochs", "3"]
+
+
+def test_cli_dry_run_with_build_package_does_not_upload(capsys):
+    code, out, err = _submit(capsys, "--build-package", "--staging-bucket", "gs://stage", "--dry-run",
+                             "--", "--epochs", "1")
+    assert code == 0, err
+    spec = json.loads(out)["jobSpec"]["workerPoolSpecs"][0]["pythonPackageSpec"]
+    (uri,) = spec["packageUris"]
+    assert uri.startswith("gs://stage/segrec/packages/") and uri.endswith("/segrec-0.1.0.tar.gz")
+    assert spec["pythonModule"] == "trainer.task" and spec["args"] == ["--epochs", "1"]
+    assert spec["executorImageUri"] == vertex.DEFAULT_EXECUTOR_IMAGE_CPU
+    assert "would upload it to " + uri in err
+
+
+def test_cli_errors_exit_2_with_the_flag_named(capsys):
+    code, _, err = _submit(capsys, "--accelerator-count", "1", "--package-uri", PACKAGE, "--dry-run")
+    assert code == 2 and "--accelerator-count 1 needs --accelerator-type" in err
+    code, _, err = _submit(capsys, "--build-package", "--dry-run")
+    assert code == 2 and "--staging-bucket" in err
+
+
+def test_submit_uses_aiplatform_custom_job(monkeypatch):
+    from google.cloud import aiplatform
+
+    calls = {}
+
+    class FakeCustomJob:
+        def __init__(self, **kwargs):
+            calls["init"] = kwargs
+
+        def submit(self, **kwargs):
+            calls["submit"] = kwargs
+
+        def run(self, **kwargs):
+            calls["run"] = kwargs
+
+    monkeypatch.setattr(aiplatform, "CustomJob", FakeCustomJob)
+    cfg = _config(replica_count=2, staging_bucket="gs://stage", service_account="sa@proj.iam.gserviceaccount.com")
+    vertex.submit(cfg, sync=False)
+    assert calls["init"]["project"] == "proj" and calls["init"]["location"] == "us-central1"
+    assert calls["init"]["worker_pool_specs"] == vertex.build_worker_pool_specs(cfg)
+    assert calls["submit"] == {"service_account": "sa@proj.iam.gserviceaccount.com", "tensorboard": None}
+    vertex.submit(cfg, sync=True)
+    assert calls["run"]["sync"] is True
+    with pytest.raises(ValueError, match="--staging-bucket or --base-output-dir"):
+        vertex.submit(_config(), sync=False)
+
+
+def test_missing_aiplatform_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "google.cloud.aiplatform", None)
+    with pytest.raises(ImportError, match=r"segrec\[vertex\]"):
+        vertex.submit(_config(staging_bucket="gs://stage"), sync=False)
