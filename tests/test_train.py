@@ -122,3 +122,25 @@ def test_training_resumes_after_being_killed(dataset, tmp_path):
     # Resumed: only the epochs after the backed-up one ran in the second process.
     assert metrics["epochs_run"] < saved_epoch + 3
     assert (run / rd.WEIGHTS).exists()
+
+
+@pytest.mark.integration
+def test_two_worker_processes_train_the_real_model(dataset, tmp_path):
+    """MultiWorkerMirroredStrategy for real: two local `segrec train` processes, TF_CONFIG on localhost ports."""
+    from multiworker_tiny import run_workers
+
+    run = tmp_path / "run"
+
+    def cmd(i):
+        return [sys.executable, "-m", "trainer.task", "--dataset-dir", str(dataset), "--output-dir", str(run),
+                "--encoder", "tiny", "--embedding-dim", "8", "--segments", "3", "--epochs", "2",
+                "--warmup-epochs", "1", "--batch-size", "32", "--patience", "0", "--quiet"]
+
+    results = run_workers(cmd, num_workers=2, timeout=300, env_extra={"CUDA_VISIBLE_DEVICES": "-1"})
+    assert all(r.returncode == 0 for r in results)
+    metrics = json.loads((run / rd.METRICS).read_text())
+    assert "multi-worker" in metrics["strategy"] and "2 workers" in metrics["strategy"]
+    assert metrics["epochs_run"] == 2
+    assert (run / rd.WEIGHTS).exists() and (run / rd.SEGMENTS).exists()
+    # The non-chief wrote to a temp dir that is gone.
+    assert not list(tmp_path.rglob("workertemp_*"))

@@ -110,4 +110,8 @@ def command_names() -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module so commands register into
+    # `trainer.cli`, not into `__main__`.
+    from trainer.cli import main as _main
+
+    sys.exit(_main())

@@ -186,7 +186,11 @@ def make_dataset(
             return batch
 
         ds = ds.map(add_vector, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    # Preprocessing often writes fewer shards than there are workers; shard
+    # by element, not by file, under a multi-worker strategy.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def distinct_user_texts(dataset_dir: str, splits: Sequence[str] = ("train", "eval")) -> list[str]:

@@ -258,9 +258,8 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         segment_profiles.save(segments_doc, rd.path(out_dir, rd.SEGMENTS))
         write_model_card(out_dir, config, metrics, segments_doc)
     else:
-        for tmp in {out_dir, ckpt_root}:
-            if tf.io.gfile.exists(tmp):
-                tf.io.gfile.rmtree(tmp)
+        distribution.discard_temp_dir(dirs.model_dir, cluster)
+        distribution.discard_temp_dir(dirs.checkpoint_dir, cluster)
     return TrainSummary(out_dir, int(model.num_segments), metrics["epochs_run"], best, metrics, time.time() - start)
 
 
