@@ -154,3 +154,27 @@ def test_mixed_precision_keeps_outputs_and_losses_float32(dataset_dir, user_text
     assert np.isfinite(logs["loss"])
     out = model.user_outputs(next(iter(train)))
     assert out[features.EMBEDDING].dtype == tf.float32 and out[features.SEGMENT_PROBS].dtype == tf.float32
+
+
+@pytest.mark.pretrained
+def test_model_with_pretrained_minilm_round_trips_through_a_run_dir(tmp_path):
+    """The saved config names the package preset; reloading it must not trip Keras' safe mode."""
+    import numpy as np
+
+    from model_fixtures import write_dataset
+    from trainer import data as data_lib
+    from trainer import features as F
+    from trainer import run_dir as rd
+    from trainer.model import SegRecModel
+    from trainer.text_encoder import TextEncoder
+
+    root = write_dataset(str(tmp_path / "ds"), users=6, per_user=3)
+    catalog = data_lib.load_catalog(root)
+    model = SegRecModel.from_catalog(catalog, embedding_dim=8, item_id_dim=8, category_dim=4, item_text_dim=8,
+                                     text_input_dim=384, user_text_dim=8, user_hidden_units=(8,), num_segments=2,
+                                     text_encoder=TextEncoder.pretrained(sequence_length=16), seed=0)
+    rd.save_model(str(tmp_path / "run"), model)
+    again = rd.load_model(str(tmp_path / "run"))
+    batch = next(iter(data_lib.make_dataset(root, "eval", batch_size=4)))
+    a, b = model(batch, training=False, beta=0.5), again(batch, training=False, beta=0.5)
+    np.testing.assert_allclose(a[F.QUERY].numpy(), b[F.QUERY].numpy(), atol=1e-6)

@@ -431,5 +431,8 @@ class SegRecModel(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         if config.get("text_encoder") is not None and isinstance(config["text_encoder"], dict):
-            config["text_encoder"] = keras.saving.deserialize_keras_object(config["text_encoder"])
+            # safe_mode=False: the pretrained encoder's tokenizer reads its
+            # vocabulary from the installed package (or a preset dir the user
+            # named), which Keras' safe mode refuses as "outside the archive".
+            config["text_encoder"] = keras.saving.deserialize_keras_object(config["text_encoder"], safe_mode=False)
         return cls(**config)
