@@ -144,3 +144,18 @@ def test_two_worker_processes_train_the_real_model(dataset, tmp_path):
     assert (run / rd.WEIGHTS).exists() and (run / rd.SEGMENTS).exists()
     # The non-chief wrote to a temp dir that is gone.
     assert not list(tmp_path.rglob("workertemp_*"))
+
+
+@pytest.mark.slow
+def test_segments_auto_picks_k_by_silhouette_and_records_the_sweep(dataset, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--dataset-dir", str(dataset), "--output-dir", str(run), "--encoder", "tiny", "--embedding-dim", "8",
+            "--segments", "auto", "--segments-range", "2-4", "--epochs", "1", "--warmup-epochs", "1", "--batch-size", "64",
+            "--quiet"]
+    assert cli.main(args) == 0
+    sweep = json.loads((run / rd.SEGMENT_SWEEP).read_text())
+    assert [k for k, _ in sweep["silhouette"]] == [2, 3, 4]
+    best = max(sweep["silhouette"], key=lambda ks: ks[1])[0]
+    assert sweep["best_k"] == best
+    assert json.loads((run / rd.SEGMENTS).read_text())["num_segments"] == best
+    assert json.loads((run / rd.METRICS).read_text())["segment_sweep"]["best_k"] == best
