@@ -6,7 +6,8 @@ Run dirs, checkpoint files and the CLI live elsewhere; pass their callbacks in.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import weakref
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -46,12 +47,32 @@ def recall_at_k(
     excluded (seen-item exclusion as in serving). A positive unknown to the
     catalog counts as a miss.
     """
-    items = model.item_embeddings()  # [N, d]
-    n = int(items.shape[0])
-    k = min(k, n)
+    fn = _hits_fn(model, k, float(beta), bool(exclude_history))
+    total_hits, total = 0.0, 0.0
+    for i, batch in enumerate(dataset):
+        if max_batches is not None and i >= max_batches:
+            break
+        h, w = fn(batch)
+        total_hits += float(h)
+        total += float(w)
+    return total_hits / total if total else 0.0
+
+
+# One traced function per (model, k, beta, exclude): building a new
+# tf.function each epoch would retrace every time.
+_HITS_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _hits_fn(model: SegRecModel, k: int, beta: float, exclude_history: bool):
+    cache = _HITS_FNS.setdefault(model, {})
+    key = (k, beta, exclude_history)
+    if key in cache:
+        return cache[key]
 
     @tf.function(reduce_retracing=True)
     def hits(batch):
+        items = model.item_embeddings()  # [N, d]
+        kk = tf.minimum(k, tf.shape(items)[0])
         q = model(batch, training=False, beta=beta)[features.QUERY]
         scores = tf.matmul(q, items, transpose_b=True)  # [B, N]
         if exclude_history:
@@ -62,20 +83,14 @@ def recall_at_k(
             scores = tf.tensor_scatter_nd_update(
                 scores, scatter, tf.fill([tf.shape(scatter)[0]], tf.float32.min)
             )
-        top = tf.math.top_k(scores, k=k).indices  # [B, k]
+        top = tf.math.top_k(scores, k=kk).indices  # [B, k]
         target = model.item_tower.rows(batch[features.ITEM_ID]) - 1
         hit = tf.reduce_any(tf.equal(top, target[:, None]), axis=1) & (target >= 0)
         w = tf.cast(batch.get(features.WEIGHT, tf.ones_like(target, tf.float32)), tf.float32)
         return tf.reduce_sum(tf.cast(hit, tf.float32) * w), tf.reduce_sum(w)
 
-    total_hits, total = 0.0, 0.0
-    for i, batch in enumerate(dataset):
-        if max_batches is not None and i >= max_batches:
-            break
-        h, w = hits(batch)
-        total_hits += float(h)
-        total += float(w)
-    return total_hits / total if total else 0.0
+    cache[key] = hits
+    return hits
 
 
 class RecallAtK(keras.callbacks.Callback):
