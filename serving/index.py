@@ -14,7 +14,12 @@ indices [B, n] int32)` (indices into the catalog, best first) inside a
 ScaNN's parameters follow the catalog size (`ScannParams.for_catalog`): exact
 ScaNN scoring below PARTITION_MIN items, where partitioning would only cost
 recall; a tree with ~sqrt(N) leaves, anisotropic hashing and exact reordering
-above it. `recall_at_k` measures an index against brute force.
+above it. How many leaves a query searches is a variable of the saved index:
+`tune_leaves` doubles it until recall@k against brute force on sample queries
+reaches a target, so the saved index meets the recall it was checked for
+whatever the geometry of the embeddings (well-clustered embeddings stop at a
+few leaves; unclustered ones need most of them). `recall_at_k` measures an
+index against brute force.
 """
 
 from __future__ import annotations
@@ -64,11 +69,10 @@ class ScannParams:
         if num_items < PARTITION_MIN:
             return cls()
         leaves = max(2, int(round(math.sqrt(num_items))))
-        # A quarter of the leaves plus exact reordering of many candidates
-        # keeps recall@10 well above 0.95 even for unclustered embeddings.
+        # A tenth of the leaves to start with; tune_leaves raises it.
         return cls(
             num_leaves=leaves,
-            num_leaves_to_search=max(1, int(math.ceil(leaves / 4))),
+            num_leaves_to_search=max(1, int(math.ceil(leaves / 10))),
             reorder=min(num_items, max(250, 4 * k_max)),
         )
 
@@ -134,6 +138,9 @@ class ScannIndex(tf.Module):
         searcher = builder.build(shared_name=f"{name}/{id(self)}")
         # ScannState: the searcher as variables, rebuilt into a handle in-graph.
         self.state = searcher.serialize_to_module()
+        self.leaves_to_search = tf.Variable(
+            max(1, params.num_leaves_to_search), dtype=tf.int32, trainable=False, name="leaves_to_search"
+        )
 
     def search(self, queries: tf.Tensor, n) -> tuple[tf.Tensor, tf.Tensor]:
         """queries [B, d], n <= N -> (scores [B, n], indices [B, n] int32)."""
@@ -142,7 +149,10 @@ class ScannIndex(tf.Module):
         n = tf.cast(n, tf.int32)
         pre = tf.maximum(n, self._reorder) if self._reorder else None
         result = searcher.search_batched_parallel(
-            tf.cast(queries, tf.float32), final_num_neighbors=n, pre_reorder_num_neighbors=pre
+            tf.cast(queries, tf.float32),
+            final_num_neighbors=n,
+            pre_reorder_num_neighbors=pre,
+            leaves_to_search=self.leaves_to_search if self.params.partitioned else None,
         )
         return result.distances, tf.cast(result.indices, tf.int32)
 
@@ -168,13 +178,22 @@ def exact_top_k(queries: np.ndarray, embeddings: np.ndarray, k: int) -> np.ndarr
     return np.take_along_axis(part, order, axis=1)
 
 
-def recall_at_k(index, queries: np.ndarray, embeddings: np.ndarray, k: int = 10, batch_size: int = 256) -> float:
+def _traced_search(index, dim: int):
+    return tf.function(
+        index.search, input_signature=[tf.TensorSpec([None, dim], tf.float32), tf.TensorSpec([], tf.int32)]
+    )
+
+
+def recall_at_k(
+    index, queries: np.ndarray, embeddings: np.ndarray, k: int = 10, batch_size: int = 256, search=None
+) -> float:
     """Mean share of the exact top-k (brute force over `embeddings`) that
-    `index` returns in its top-k, over queries [Q, d]."""
+    `index` returns in its top-k, over queries [Q, d]. `search`: an already
+    traced index.search, to trace once across calls."""
     queries = np.asarray(queries, np.float32)
     k = min(k, len(embeddings))
     exact = exact_top_k(queries, embeddings, k)
-    search = tf.function(index.search, reduce_retracing=True)
+    search = search or _traced_search(index, queries.shape[1])
     hits = 0
     for s in range(0, len(queries), batch_size):
         _, got = search(tf.constant(queries[s : s + batch_size]), tf.constant(k, tf.int32))
@@ -182,3 +201,16 @@ def recall_at_k(index, queries: np.ndarray, embeddings: np.ndarray, k: int = 10,
         for row, truth in zip(got, exact[s : s + batch_size]):
             hits += len(set(row.tolist()) & set(truth.tolist()))
     return hits / float(max(1, len(queries) * k))
+
+
+def tune_leaves(index, queries: np.ndarray, embeddings: np.ndarray, target: float, k: int = 10) -> float:
+    """Doubles a partitioned ScaNN index's leaves_to_search until recall@k on
+    `queries` reaches `target` (or every leaf is searched); returns the recall."""
+    search = _traced_search(index, np.shape(queries)[1])  # reads leaves_to_search at run time
+    recall = recall_at_k(index, queries, embeddings, k, search=search)
+    if not isinstance(index, ScannIndex) or not index.params.partitioned:
+        return recall
+    while recall < target and int(index.leaves_to_search.numpy()) < index.params.num_leaves:
+        index.leaves_to_search.assign(min(index.params.num_leaves, 2 * int(index.leaves_to_search.numpy())))
+        recall = recall_at_k(index, queries, embeddings, k, search=search)
+    return recall

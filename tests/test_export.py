@@ -1,0 +1,283 @@
+"""`segrec export`: signatures, save -> reload, exclusions, versions, warm-up,
+the ScaNN recall check (tiny run dir, tiny encoder)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trainer import cli
+from trainer import features as F
+
+TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--segments", "4", "--epochs", "1", "--warmup-epochs", "0",
+              "--batch-size", "64", "--recall-k", "10", "--quiet"]
+BETA = 0.5  # the run's --beta default, so the exports' default beta
+slow = pytest.mark.slow  # every test on the trained run dir (a ~30 s module fixture)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_generated, tmp_path_factory):
+    ds = tmp_path_factory.mktemp("export_ds")
+    assert cli.main(["preprocess", "--input-dir", str(tiny_generated), "--output-dir", str(ds)]) == 0
+    run = tmp_path_factory.mktemp("export_run")
+    assert cli.main(["train", "--dataset-dir", str(ds), "--output-dir", str(run)] + TINY_TRAIN) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def exports(trained, tmp_path_factory):
+    """brute_force as version 1, then scann as version 2, into one base path."""
+    from serving import export as ex
+
+    base = tmp_path_factory.mktemp("models")
+    bf = ex.export(ex.ExportConfig(run_dir=str(trained), base_path=str(base), index="brute_force"))
+    sc = ex.export(ex.ExportConfig(run_dir=str(trained), base_path=str(base), index="scann"))
+    return {"base": base, "brute_force": bf, "scann": sc}
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """The in-memory model, its catalog embeddings and a batch of eval users."""
+    from trainer import dataset_arrays as da
+    from trainer import run_dir as rd
+
+    run = rd.load_run(str(trained))
+    split = da.load_split(run.dataset_dir, "eval")
+    batch = split.batch_dict(range(min(8, len(split))))
+    return run, run.model.item_embeddings().numpy(), batch
+
+
+def _expected_top(run, embeddings, batch, k, beta):
+    """Brute force over model.item_embeddings() with the history excluded."""
+    out = run.model({F.USER_TEXT: batch[F.USER_TEXT], F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS]},
+                    training=False, beta=beta)
+    scores = out[F.QUERY].numpy() @ embeddings.T
+    ids = np.array(run.model.item_ids)
+    tops = []
+    for row, hist in zip(scores, batch[F.HISTORY_ITEM_IDS].numpy()):
+        seen = {h.decode() for h in hist if h}
+        order = [i for i in np.argsort(-row, kind="stable") if ids[i] not in seen]
+        tops.append(list(ids[order[:k]]))
+    return tops, out[F.SEGMENT_ID].numpy()
+
+
+def _load(summary):
+    from serving import export as ex
+
+    return ex.load_exported(summary.version_dir)
+
+
+def _request(batch, k, beta):
+    import tensorflow as tf
+
+    return {F.USER_TEXT: batch[F.USER_TEXT], F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS],
+            F.K: tf.constant(k, tf.int32), F.BETA: tf.constant(beta, tf.float32)}
+
+
+def _ids(tensor):
+    return [[x.decode() for x in row] for row in tensor.numpy()]
+
+
+@slow
+def test_versions_increment_and_files_sit_beside_the_model(exports, trained):
+    from serving import export as ex
+
+    assert (exports["brute_force"].version, exports["scann"].version) == (1, 2)
+    assert ex.existing_versions(str(exports["base"])) == [1, 2]
+    for kind in ("brute_force", "scann"):
+        vdir = exports["base"] / "segrec" / str(exports[kind].version)
+        assert (vdir / "saved_model.pb").exists() and (vdir / ex.WARMUP_FILE).exists()
+        assert json.loads((vdir / "segments.json").read_text()) == json.loads((trained / "segments.json").read_text())
+        card = (vdir / "model_card.md").read_text()
+        assert "Recall@10 vs brute force" in card and f"Kind: {kind}" in card
+    assert exports["scann"].recall_at_10 == pytest.approx(1.0)  # 60 items: exact ScaNN scoring
+    assert not [p for p in (exports["base"] / "segrec").iterdir() if p.name.startswith(".tmp")]
+
+
+@slow
+@pytest.mark.parametrize("kind", ["brute_force", "scann"])
+def test_reloaded_export_matches_in_memory_brute_force(exports, reference, kind):
+    run, embeddings, batch = reference
+    got = _load(exports[kind]).signatures["serving_default"](**_request(batch, 5, BETA))
+    want_ids, want_seg = _expected_top(run, embeddings, batch, 5, BETA)
+    assert _ids(got[F.OUT_ITEM_IDS]) == want_ids
+    np.testing.assert_array_equal(got[F.SEGMENT_ID].numpy(), want_seg)
+    scores = got[F.OUT_SCORES].numpy()
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+
+
+@slow
+def test_signature_keys_dtypes_and_shapes(exports):
+    import tensorflow as tf
+
+    sigs = _load(exports["brute_force"]).signatures
+    assert set(sigs) == {"serving_default", "recommend_defaults", "serving_tf_example", "user_embedding"}
+    inputs = sigs["serving_default"].structured_input_signature[1]
+    assert {k: (v.dtype, v.shape.as_list()) for k, v in inputs.items()} == {
+        F.USER_TEXT: (tf.string, [None]), F.HISTORY_ITEM_IDS: (tf.string, [None, None]),
+        F.K: (tf.int32, []), F.BETA: (tf.float32, [])}
+    assert set(sigs["recommend_defaults"].structured_input_signature[1]) == {F.USER_TEXT, F.HISTORY_ITEM_IDS}
+    assert set(sigs["serving_tf_example"].structured_input_signature[1]) == {F.EXAMPLES}
+    rec = sigs["serving_default"].structured_outputs
+    assert {k: v.dtype for k, v in rec.items()} == {
+        F.OUT_ITEM_IDS: tf.string, F.OUT_SCORES: tf.float32, F.SEGMENT_ID: tf.int32, F.SEGMENT_PROBS: tf.float32}
+    assert rec[F.SEGMENT_PROBS].shape.as_list() == [None, 4]
+    emb = sigs["user_embedding"].structured_outputs
+    assert {k: v.dtype for k, v in emb.items()} == {F.EMBEDDING: tf.float32, F.SEGMENT_ID: tf.int32,
+                                                     F.SEGMENT_PROBS: tf.float32}
+    assert emb[F.EMBEDDING].shape.as_list() == [None, 16]
+
+
+@slow
+def test_seen_items_are_never_returned(exports, reference):
+    import tensorflow as tf
+
+    run, _, batch = reference
+    n = len(run.model.item_ids)
+    fn = _load(exports["scann"]).signatures["serving_default"]
+    # k = whole catalog: every unseen item comes back once, seen ones never,
+    # and the slots left over are padding ("" / -inf).
+    got = fn(**_request(batch, n, 0.0))
+    for ids, scores, hist in zip(_ids(got[F.OUT_ITEM_IDS]), got[F.OUT_SCORES].numpy(),
+                                 batch[F.HISTORY_ITEM_IDS].numpy()):
+        seen = {h.decode() for h in hist if h}
+        real = [i for i in ids if i]
+        assert len(ids) == n and not seen & set(real)
+        assert sorted(real) == sorted(set(run.model.item_ids) - seen)
+        assert np.all(np.isneginf(scores[len(real):]))
+    # A cold user (no history) gets full results.
+    cold = fn(**{F.USER_TEXT: tf.constant(["nothing known"]), F.HISTORY_ITEM_IDS: tf.constant([[""]]),
+                 F.K: tf.constant(3), F.BETA: tf.constant(0.5)})
+    assert all(_ids(cold[F.OUT_ITEM_IDS])[0])
+
+
+@slow
+def test_k_out_of_range_is_rejected(exports, reference):
+    import tensorflow as tf
+
+    fn = _load(exports["brute_force"]).signatures["serving_default"]
+    for k in (0, 101):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="k must be in"):
+            fn(**_request(reference[2], k, 0.5))
+
+
+@slow
+def test_tf_example_signature_equals_serving_default(exports, reference):
+    import tensorflow as tf
+
+    _, _, batch = reference
+    sigs = _load(exports["scann"]).signatures
+    examples = []
+    for text, hist in zip(batch[F.USER_TEXT].numpy(), batch[F.HISTORY_ITEM_IDS].numpy()):
+        feats = {F.USER_TEXT: tf.train.Feature(bytes_list=tf.train.BytesList(value=[text])),
+                 F.HISTORY_ITEM_IDS: tf.train.Feature(bytes_list=tf.train.BytesList(value=[h for h in hist if h]))}
+        examples.append(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+    via_example = sigs["serving_tf_example"](examples=tf.constant(examples))
+    direct = sigs["serving_default"](**_request(batch, 10, BETA))  # the export's default k and beta
+    defaults = sigs["recommend_defaults"](**{F.USER_TEXT: batch[F.USER_TEXT],
+                                             F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS]})
+    for other in (direct, defaults):
+        assert _ids(via_example[F.OUT_ITEM_IDS]) == _ids(other[F.OUT_ITEM_IDS])
+        np.testing.assert_array_equal(via_example[F.SEGMENT_ID].numpy(), other[F.SEGMENT_ID].numpy())
+        np.testing.assert_allclose(via_example[F.OUT_SCORES].numpy(), other[F.OUT_SCORES].numpy(), atol=1e-5)
+
+
+@slow
+def test_user_embedding_signature_matches_the_model(exports, reference):
+    run, _, batch = reference
+    got = _load(exports["brute_force"]).signatures["user_embedding"](
+        **{F.USER_TEXT: batch[F.USER_TEXT], F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS]})
+    want = run.model({F.USER_TEXT: batch[F.USER_TEXT], F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS]}, training=False)
+    np.testing.assert_allclose(got[F.EMBEDDING].numpy(), want[F.EMBEDDING].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(got[F.SEGMENT_ID].numpy(), want[F.SEGMENT_ID].numpy())
+
+
+@slow
+def test_warmup_file_holds_prediction_logs_the_model_answers(exports):
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from serving import export as ex
+
+    path = exports["scann"].version_dir + "/" + ex.WARMUP_FILE
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    assert logs
+    fn = _load(exports["scann"]).signatures["serving_default"]
+    for log in logs:
+        req = log.predict_log.request
+        assert (req.model_spec.name, req.model_spec.signature_name) == ("segrec", "serving_default")
+        assert set(req.inputs) == {F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA}
+        out = fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in req.inputs.items()})
+        assert out[F.OUT_ITEM_IDS].shape[1] == tf.make_ndarray(req.inputs[F.K])
+
+
+@slow
+def test_recall_below_min_recall_fails_and_publishes_nothing(trained, tmp_path, capsys):
+    code = cli.main(["export", "--run-dir", str(trained), "--base-path", str(tmp_path), "--min-recall", "1.01"])
+    assert code == 2
+    assert "below --min-recall" in capsys.readouterr().err
+    assert not (tmp_path / "segrec" / "1").exists()
+
+
+@slow
+def test_existing_version_is_not_overwritten(exports, trained, capsys):
+    code = cli.main(["export", "--run-dir", str(trained), "--base-path", str(exports["base"]), "--version", "1",
+                     "--index", "brute_force"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+@slow
+def test_segments_override_replaces_centroids(trained, reference, tmp_path):
+    from serving import export as ex
+
+    run, _, batch = reference
+    segments = json.loads((trained / "segments.json").read_text())
+    # Centroid k -> K-1-k: the same probabilities, permuted, so every user's
+    # segment id s becomes K-1-s.
+    refreshed = dict(segments, segments=list(reversed(segments["segments"])))
+    path = tmp_path / "refreshed.json"
+    path.write_text(json.dumps(refreshed))
+    summary = ex.export(ex.ExportConfig(run_dir=str(trained), base_path=str(tmp_path / "models"),
+                                        index="brute_force", segments_path=str(path)))
+    assert json.loads((tmp_path / "models" / "segrec" / "1" / "segments.json").read_text()) == refreshed
+    users = {F.USER_TEXT: batch[F.USER_TEXT], F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS]}
+    got = _load(summary).signatures["user_embedding"](**users)[F.SEGMENT_ID].numpy()
+    before = run.model(users, training=False)[F.SEGMENT_ID].numpy()
+    np.testing.assert_array_equal(got, segments["num_segments"] - 1 - before)
+    with pytest.raises(ValueError, match="centroids have shape"):
+        ex.apply_centroids(run.model, dict(segments, segments=segments["segments"][:2]), str(path))
+
+def test_scann_recall_against_brute_force_on_a_synthetic_index():
+    import tensorflow as tf
+
+    from serving import index as ix
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(2000, 32)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    queries = rng.normal(size=(1000, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    index = ix.build_index("scann", items)
+    assert index.params.partitioned and index.params.num_leaves == 45  # round(sqrt(2000))
+    # Unclustered vectors are the hard case for partitioning: tuning searches more leaves.
+    assert ix.tune_leaves(index, queries, items, target=0.95) >= 0.95
+    scores, idx = index.search(tf.constant(queries[:7]), tf.constant(12))
+    assert scores.shape == (7, 12) and idx.shape == (7, 12)
+    # Exact reordering: the scores are the true dot products of the items returned.
+    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(queries[:7] @ items.T, idx.numpy(), 1), atol=1e-4)
+    assert ix.recall_at_k(ix.build_index("brute_force", items), queries, items, 10) == 1.0
+
+
+@slow
+def test_saved_model_cli_lists_the_signatures(exports):
+    out = subprocess.run(
+        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--all", "--dir",
+         exports["brute_force"].version_dir],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("serving_default", "recommend_defaults", "serving_tf_example", "user_embedding"):
+        assert f"signature_def['{name}']" in out.stdout
