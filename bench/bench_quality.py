@@ -196,7 +196,9 @@ def render(r: dict) -> str:
         lines.append(f"\nCached vs uncached: {t['ratio_cached_vs_uncached']}x")
     if "generated" in r:
         g = r["generated"]
-        q = g["segment_quality"]
+        q = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in g["segment_quality"].items()}
+        stab = g.get("stability_ari_between_seeds")
+        g = {**g, "stability_ari_between_seeds": round(stab, 4) if isinstance(stab, float) else stab}
         lines += ["", "## Generated data: planted segment recovery", "",
                   f"ARI {q.get('adjusted_rand')}, NMI {q.get('nmi')}, silhouette {q.get('silhouette')}; "
                   f"target ARI >= 0.9: {'met' if g['targets']['ARI >= 0.9']['met'] else 'NOT met'}. "

@@ -40,3 +40,84 @@ def run_export(args: argparse.Namespace, beam_args) -> int:
         raise UserError(str(err)) from err
     print(export.format_summary(summary))
     return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-base-path", required=True, help="holds <model-name>/<version>/ (what export wrote)")
+    p.add_argument("--model-name", default="segrec")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default localhost only)")
+    p.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port, printed)")
+    p.add_argument("--rest-port", type=int, default=0, help="REST port, TF Serving's JSON API (0 = off)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for new versions")
+    p.add_argument("--max-batch-size", type=int, default=64, help="rows of one model call and of one request")
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="how long a request waits for others")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--version-labels", default="", help="e.g. stable=1,canary=2")
+    p.add_argument("--max-string-mb", type=float, default=10.0, help="largest string element of a request")
+    p.add_argument("--token-env", help="name of an environment variable holding a bearer token to require")
+    p.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve gRPC over TLS)")
+    p.add_argument("--tls-key", help="PEM private key")
+
+
+@command("serve", "Serve exported versions over TF Serving's gRPC API (development server).")(_add_serve_args)
+def run_serve(args: argparse.Namespace, beam_args) -> int:
+    import os
+
+    from serving import server
+
+    if not os.path.isdir(args.model_base_path):
+        raise UserError(f"--model-base-path {args.model_base_path} is not a directory")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    for flag in ("max_batch_size", "max_queue"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise UserError(f"--token-env {args.token_env}: the variable is not set")
+    config = server.ServeConfig(
+        model_base_path=args.model_base_path, model_name=args.model_name, host=args.host, port=args.port,
+        poll_seconds=args.poll_seconds, max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+        max_queue=args.max_queue, rest_port=args.rest_port, metrics_port=args.metrics_port,
+        version_labels=server.parse_labels(args.version_labels),
+        max_string_bytes=int(args.max_string_mb * 1024 * 1024), token=token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return server.serve(config)
+
+
+def _add_recommend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="localhost:8500", help="host:port of segrec serve or TF Serving")
+    p.add_argument("--user-text", required=True)
+    p.add_argument("--history", default="", help="comma-separated item ids, most recent first")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--beta", type=float, help="segment pull (default: the model's)")
+    p.add_argument("--version-label", help="e.g. stable or canary")
+    p.add_argument("--model-name", default="segrec")
+    p.add_argument("--segments", help="segments.json for segment labels (default: asked of the server)")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline of each attempt, seconds")
+    p.add_argument("--token-env", help="name of an environment variable holding the bearer token")
+    p.add_argument("--tls-ca", help="PEM root certificate: connect over TLS")
+
+
+@command("recommend", "Ask a running server for one user's recommendations and print them.")(_add_recommend_args)
+def run_recommend(args: argparse.Namespace, beam_args) -> int:
+    import os
+
+    from serving import client as cl
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    root = open(args.tls_ca, "rb").read() if args.tls_ca else None
+    history = [h.strip() for h in args.history.split(",") if h.strip()]
+    with cl.RecommenderClient(args.target, timeout=args.timeout, model_name=args.model_name, token=token,
+                              root_certificates=root, tls=root is not None,
+                              segments_path=args.segments) as client:
+        try:
+            rec = client.recommend(args.user_text, history, k=args.k, beta=args.beta,
+                                   version_label=args.version_label)
+        except cl.RecommendError as err:
+            raise UserError(str(err)) from err
+    print(cl.format_recommendation(rec))
+    return 0
