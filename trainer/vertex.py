@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -194,12 +195,21 @@ def build_sdist(repo_root: str, out_dir: str) -> str:
     """
     os.makedirs(out_dir, exist_ok=True)
     before = set(glob.glob(os.path.join(out_dir, "*.tar.gz")))
-    if importlib.util.find_spec("build") is not None:
+    try:
+        # Ask for the installed distribution: a find_spec("build") would also
+        # match a plain build/ directory in the working tree.
+        importlib.metadata.distribution("build")
+        has_build = True
+    except importlib.metadata.PackageNotFoundError:
+        has_build = False
+    if has_build:
         cmd = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", os.path.abspath(out_dir),
                os.path.abspath(repo_root)]
+        cwd = os.path.abspath(out_dir)  # not the repo root, whose build/ would shadow the package
     else:
         cmd = [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", os.path.abspath(out_dir)]
-    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True)
+        cwd = repo_root
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the sdist failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}\n"
                            f"{proc.stderr[-2000:]}")
