@@ -15,7 +15,7 @@ ScaNN's parameters follow the catalog size (`ScannParams.for_catalog`): exact
 ScaNN scoring below PARTITION_MIN items, where partitioning would only cost
 recall; a tree with ~sqrt(N) leaves, anisotropic hashing and exact reordering
 above it. How many leaves a query searches is a variable of the saved index:
-`tune_leaves` doubles it until recall@k against brute force on sample queries
+`tune_leaves` picks the smallest of 1, 2, 4, ... leaves whose recall@k against brute force on sample queries
 reaches a target, so the saved index meets the recall it was checked for
 whatever the geometry of the embeddings (well-clustered embeddings stop at a
 few leaves; unclustered ones need most of them). `recall_at_k` measures an
@@ -69,7 +69,7 @@ class ScannParams:
         if num_items < PARTITION_MIN:
             return cls()
         leaves = max(2, int(round(math.sqrt(num_items))))
-        # A tenth of the leaves to start with; tune_leaves raises it.
+        # A tenth of the leaves until tune_leaves sets the smallest depth that reaches the recall target.
         return cls(
             num_leaves=leaves,
             num_leaves_to_search=max(1, int(math.ceil(leaves / 10))),
@@ -203,13 +203,27 @@ def recall_at_k(
     return hits / float(max(1, len(queries) * k))
 
 
-def tune_leaves(index, queries: np.ndarray, embeddings: np.ndarray, target: float, k: int = 10) -> float:
-    """Doubles a partitioned ScaNN index's leaves_to_search until recall@k on
-    `queries` reaches `target` (or every leaf is searched); returns the recall."""
+def tune_leaves(index, queries: np.ndarray, embeddings: np.ndarray, target: float, k: int = 10,
+                margin: float = 0.01) -> float:
+    """Sets a partitioned ScaNN index's leaves_to_search to the smallest of
+    1, 2, 4, ... whose recall@k on `queries` reaches `target` + `margin`
+    (capped at 1.0; every leaf if none does); returns that recall.
+
+    Searching fewer leaves is what makes ScaNN fast, so the ladder starts at
+    one leaf rather than at a guess; the margin keeps recall on unseen
+    queries at the target.
+    """
     search = _traced_search(index, np.shape(queries)[1])  # reads leaves_to_search at run time
-    recall = recall_at_k(index, queries, embeddings, k, search=search)
     if not isinstance(index, ScannIndex) or not index.params.partitioned:
-        return recall
+        return recall_at_k(index, queries, embeddings, k, search=search)
+    goal = min(1.0, target + margin)
+    leaves = 1
+    while True:
+        index.leaves_to_search.assign(min(leaves, index.params.num_leaves))
+        recall = recall_at_k(index, queries, embeddings, k, search=search)
+        if recall >= goal or leaves >= index.params.num_leaves:
+            return recall
+        leaves *= 2
     while recall < target and int(index.leaves_to_search.numpy()) < index.params.num_leaves:
         index.leaves_to_search.assign(min(index.params.num_leaves, 2 * int(index.leaves_to_search.numpy())))
         recall = recall_at_k(index, queries, embeddings, k, search=search)
