@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import tempfile
@@ -64,9 +63,6 @@ def main(argv=None) -> dict:
         r["ratio_vs_single"] = round(r["rows_per_s"] / base, 3)
     result = {"benchmark": "preprocess throughput", "date": datetime.date.today().isoformat(),
               "interactions": n, "machine": machine.describe(), "runs": runs}
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "preprocess.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
     lines = [
         "# Preprocess throughput (DirectRunner)", "",
         f"{n:,} generated interactions (plus items and users), `python -m bench.bench_preprocess`, {result['date']}.",
@@ -74,8 +70,7 @@ def main(argv=None) -> dict:
         "| runner | seconds | input rows/s | ratio vs single-process |", "| --- | ---: | ---: | ---: |",
     ]
     lines += [f"| {k} | {v['seconds']} | {v['rows_per_s']:,.0f} | {v['ratio_vs_single']:.2f}x |" for k, v in runs.items()]
-    with open(os.path.join(args.results_dir, "preprocess.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    machine.write_results(args.results_dir, "preprocess", result, lines)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return result

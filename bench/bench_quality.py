@@ -163,11 +163,7 @@ def main(argv=None) -> dict:
                                "targets": {"ARI >= 0.9": {"value": ari, "met": ari is not None and ari >= 0.9}}}
         print(json.dumps(result["generated"]["targets"]), flush=True)
 
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "quality.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, default=str)
-    with open(os.path.join(args.results_dir, "quality.md"), "w", encoding="utf-8") as f:
-        f.write(render(result))
+    machine.write_results(args.results_dir, "quality", result, [render(result)])
     return result
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import time
 
@@ -176,9 +175,6 @@ def main(argv=None) -> dict:
                              "inter": tf.config.threading.get_inter_op_parallelism_threads()},
               "machine": machine.describe(), "seconds": total,
               "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}, "runs": runs}
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "scann.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
     lines = [
         "# ScaNN vs brute-force retrieval", "",
         f"`python -m bench.bench_scann`, {result['date']}, {total}s in all. Data: {result['data']}. "
@@ -214,8 +210,7 @@ def main(argv=None) -> dict:
         for w in r["scann_leaves_sweep"]:
             lines.append(f"| {r['items']:,} | {w['leaves_to_search']}/{r['scann']['num_leaves']} | "
                          f"{w['recall_at_10']:.4f} | {w['qps_batched']:,.0f} | {w['ratio_batched']:.2f}x |")
-    with open(os.path.join(args.results_dir, "scann.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    machine.write_results(args.results_dir, "scann", result, lines)
     return result
 
 

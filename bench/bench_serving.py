@@ -259,9 +259,6 @@ def main(argv=None) -> dict:
     result["load_average_1m"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
     result["index"] = [line for line in card.splitlines() if "ecall" in line or "ndex" in line][:4]
 
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "serving.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
     ip = result["in_process"]
     lines = [
         "# Serving: gRPC overhead and server-side batching", "",
@@ -294,8 +291,7 @@ def main(argv=None) -> dict:
         lines.append(f"| {name} | {t['requests_per_s']:,.1f} | "
                      f"{t['requests_per_s'] / off['throughput']['requests_per_s']:.2f}x | {t['latency']['p50_ms']} | "
                      f"{t['latency']['p99_ms']} | {t['errors']} |")
-    with open(os.path.join(args.results_dir, "serving.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    machine.write_results(args.results_dir, "serving", result, lines)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return result

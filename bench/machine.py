@@ -36,3 +36,14 @@ def describe() -> dict:
 def markdown(desc: dict) -> str:
     return (f"Machine: {desc['cpu']}, {desc['cores']} cores, {desc['memory_gib']} GiB RAM, "
             f"Python {desc['python']}, {desc['os']}")
+
+
+def write_results(results_dir: str, name: str, result: dict, markdown_lines: list) -> None:
+    """bench/results/<name>.json (everything) and <name>.md (the readable table)."""
+    import json
+
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, f"{name}.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(os.path.join(results_dir, f"{name}.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(markdown_lines).rstrip("\n") + "\n")

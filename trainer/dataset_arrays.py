@@ -112,14 +112,27 @@ def train_items_by_user(train: SplitArrays) -> dict:
     return out
 
 
-def latest_per_user(split: SplitArrays, fallback: Optional[SplitArrays] = None) -> np.ndarray:
-    """Row of each user's latest example (ties by item id); users of `fallback`
-    missing from `split` are not included (returns rows into `split` only)."""
+def latest_per_user(split: SplitArrays) -> np.ndarray:
+    """Row of each user's latest example in `split` (ties: the later row)."""
     last = {}
     for r, (u, t) in enumerate(zip(split.user_ids, split.timestamps)):
         if u not in last or t >= split.timestamps[last[u]]:
             last[u] = r
     return np.array(sorted(last.values()), dtype=np.int64)
+
+
+def snapshot_rows(eval_split: SplitArrays, train_split: SplitArrays) -> tuple:
+    """One row per user: the latest eval example, else the latest train example.
+
+    The eval example's query carries the user's whole training history, so it
+    is the user "as of now". Returns (user_ids [U], eval_rows, train_rows),
+    the users of eval_rows first.
+    """
+    ev_rows = latest_per_user(eval_split)
+    have = set(eval_split.user_ids[ev_rows])
+    tr_rows = np.array([r for r in latest_per_user(train_split) if train_split.user_ids[r] not in have], np.int64)
+    users = np.concatenate([eval_split.user_ids[ev_rows], train_split.user_ids[tr_rows]])
+    return np.asarray(users, object), ev_rows, tr_rows
 
 
 def load_truth(path: str) -> dict:

@@ -185,18 +185,6 @@ def _segment_names(run, k: int) -> list:
     return names
 
 
-def _user_snapshot(ev: da.SplitArrays, train: da.SplitArrays):
-    """One (split, row) per user: the latest eval example, else the latest train example.
-
-    Returns (user_ids [U], eval_rows, train_rows): users of eval_rows first.
-    """
-    ev_rows = da.latest_per_user(ev)
-    have = set(ev.user_ids[ev_rows])
-    tr_rows = np.array([r for r in da.latest_per_user(train) if train.user_ids[r] not in have], np.int64)
-    users = np.concatenate([ev.user_ids[ev_rows], train.user_ids[tr_rows]]) if len(tr_rows) else ev.user_ids[ev_rows]
-    return np.asarray(users, object), ev_rows, tr_rows
-
-
 def _snapshot_outputs(model, ev, train, ev_rows, tr_rows, beta, cache, batch_size, ev_outputs=None):
     """EMBEDDING and SEGMENT_ID per snapshot user (eval rows may reuse `ev_outputs`, indexed by eval row)."""
     if ev_outputs is not None:
@@ -339,7 +327,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     lap("metrics")
 
     # Segment quality on one embedding per user.
-    user_ids, ev_rows, tr_rows = _user_snapshot(ev, train)
+    user_ids, ev_rows, tr_rows = da.snapshot_rows(ev, train)
     emb, labels = _snapshot_outputs(model, ev, train, ev_rows, tr_rows, beta, run.text_cache, config.batch_size, outs)
     quality = sq.segment_quality(emb, labels, seed=config.seed)
     truth_path = config.truth_path or da.truth_path_for(dataset_dir)

@@ -269,32 +269,20 @@ def _merge(history: dict, h: dict, prefix: str = "") -> None:
 
 
 def user_snapshot(model: SegRecModel, dataset_dir: str, cache: Optional[TextCache], beta: float, batch: int = 512):
-    """One row per user (their latest eval example, else latest train example):
-    user ids [U], embeddings [U, d], segment ids [U], probs [U, K]."""
+    """One row per user (dataset_arrays.snapshot_rows): user ids [U],
+    embeddings [U, d], segment ids [U], probs [U, K], and the train split."""
     from trainer import dataset_arrays as da
+    from trainer.evaluate import model_outputs
 
-    splits = [da.load_split(dataset_dir, "eval"), da.load_split(dataset_dir, "train")]
-    seen, rows = set(), []
-    for s_idx, split in enumerate(splits):
-        for r in da.latest_per_user(split):
-            u = split.user_ids[r]
-            if u not in seen:
-                seen.add(u)
-                rows.append((s_idx, int(r)))
-    user_ids, embs, segs, probs = [], [], [], []
-    for s_idx in (0, 1):
-        split = splits[s_idx]
-        idx = [r for s, r in rows if s == s_idx]
-        for i in range(0, len(idx), batch):
-            b = split.batch_dict(idx[i:i + batch])
-            if cache is not None:
-                b[features.USER_TEXT_VECTOR] = cache.lookup(b[features.USER_TEXT])
-            out = model(b, training=False, beta=beta)
-            user_ids += list(split.user_ids[idx[i:i + batch]])
-            embs.append(out[features.EMBEDDING].numpy())
-            segs.append(out[features.SEGMENT_ID].numpy())
-            probs.append(out[features.SEGMENT_PROBS].numpy())
-    return np.array(user_ids), np.concatenate(embs), np.concatenate(segs), np.concatenate(probs), splits[1]
+    ev, train_split = da.load_split(dataset_dir, "eval"), da.load_split(dataset_dir, "train")
+    user_ids, ev_rows, tr_rows = da.snapshot_rows(ev, train_split)
+    outs = [model_outputs(model, split, rows, beta, cache, batch) for split, rows in ((ev, ev_rows), (train_split, tr_rows))
+            if len(rows)]
+
+    def cat(key):
+        return np.concatenate([o[key] for o in outs])
+
+    return user_ids, cat(features.EMBEDDING), cat(features.SEGMENT_ID), cat(features.SEGMENT_PROBS), train_split
 
 
 def build_segments(model: SegRecModel, config: TrainConfig, catalog, cache) -> dict:
@@ -308,8 +296,7 @@ def build_segments(model: SegRecModel, config: TrainConfig, catalog, cache) -> d
     for u, i in zip(train_split.user_ids, train_split.item_ids):
         histories.setdefault(u, []).append(i)
     inputs = segment_profiles.ProfileInputs(
-        user_ids=list(user_ids), labels=seg, centroids=model.segment_head.centroids.numpy()
-        if hasattr(model.segment_head.centroids, "numpy") else np.asarray(model.segment_head.centroids),
+        user_ids=list(user_ids), labels=seg, centroids=np.asarray(model.segment_head.centroids),
         histories=histories, attributes=da.load_users(config.dataset_dir),
         item_titles=dict(zip(catalog.item_ids, catalog.titles)),
         item_categories=dict(zip(catalog.item_ids, catalog.categories)), probs=probs)
@@ -318,8 +305,6 @@ def build_segments(model: SegRecModel, config: TrainConfig, catalog, cache) -> d
 
 
 def write_model_card(out_dir: str, config: TrainConfig, metrics: dict, segments: dict) -> None:
-    from trainer import dataset_arrays  # noqa: F401  (keeps import order: trainer before tf)
-
     meta_path = config.dataset_dir.rstrip("/") + "/" + features.METADATA_FILE
     meta = rd.read_json(meta_path) if tf.io.gfile.exists(meta_path) else {}
     final = metrics["final"]
