@@ -10,7 +10,7 @@ DEMO_DIR ?= out/demo
 # packaging/networkx that clash with the project's.
 K8S_TOOLS ?= build/k8s-tools
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean browser
 
 setup: $(VENV)/.installed
 
@@ -32,7 +32,17 @@ $(K8S_TOOLS)/.installed:
 demo: setup
 	$(VENV)/bin/segrec demo --output-dir $(DEMO_DIR)
 
-test: setup $(K8S_TOOLS)/.installed
+# Debian's Chromium for the headless browser test (tests/test_frontend_browser.py drives it
+# with Playwright's Python client; never `playwright install`, which downloads a browser).
+browser:
+	@if [ -x /usr/bin/chromium ]; then \
+		echo "chromium: $$(/usr/bin/chromium --version 2>/dev/null)"; \
+	else \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	fi
+
+test: setup $(K8S_TOOLS)/.installed browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup

@@ -26,12 +26,16 @@ INSTALL_REQUIRES = [
     # keras-hub reads the pretrained encoder's model.safetensors.
     "safetensors>=0.4",
     "numpy>=1.26,<3",
-    "pandas>=2.2",
+    # Beam 2.77's dataframe module (imported under IPython) supports pandas < 2.4.
+    "pandas>=2.2,<2.4",
     "pyarrow>=14",
     "scikit-learn>=1.4",
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "prometheus-client>=0.20",
+    # `segrec frontend`: the reference web integration.
+    "fastapi>=0.115",
+    "uvicorn>=0.30",
 ]
 
 EXTRAS_REQUIRE = {
@@ -44,6 +48,14 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6.100",
         # The Vertex AI job spec is tested with the library's own types.
         "google-cloud-aiplatform>=1.60",
+        # Notebooks are executed by the tests.
+        "nbformat>=5.10",
+        "nbclient>=0.10",
+        "ipykernel>=6.29",
+        # The frontend page is tested in Debian's headless Chromium through
+        # Playwright's client (no browser download: /usr/bin/chromium).
+        "playwright>=1.50",
+        "httpx>=0.27",
     ],
 }
 
@@ -56,6 +68,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["trainer", "trainer.*", "serving", "serving.*", "beam_pipelines", "beam_pipelines.*"]),
     include_package_data=True,
+    package_data={"serving": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["segrec=trainer.cli:main"]},

@@ -151,22 +151,47 @@ def build_user_examples(
         targets = targets[-policy.max_examples_per_user :]
     out, skipped = [], 0
     for split, _, target in targets:
-        history = history_for(train_events, target.timestamp, policy.max_history)
+        text, history = query_features(train_events, attributes, titles, policy, before=target.timestamp)
         if len(history) < policy.min_history:
             skipped += 1
             continue
-        out.append((split, _example(user_id, target, history, attributes, titles, policy)))
+        out.append((split, _example(user_id, target, text, history)))
     for target in eval_events:
-        history = history_for(train_events, target.timestamp, policy.max_history)
-        out.append((EVAL, _example(user_id, target, history, attributes, titles, policy)))
+        text, history = query_features(train_events, attributes, titles, policy, before=target.timestamp)
+        out.append((EVAL, _example(user_id, target, text, history)))
     return out, skipped
 
 
-def _example(user_id, target: Event, history, attributes, titles, policy: ExamplePolicy) -> dict:
-    recent_titles = [titles.get(i, "") for i in history[: policy.text_history]]
+def query_text(history: Sequence[str], attributes: Mapping[str, str], titles: Mapping[str, str],
+               policy: ExamplePolicy) -> str:
+    """user_text of a query whose history is `history` (most recent first)."""
+    return user_text(attributes, [titles.get(i, "") for i in history[: policy.text_history]])
+
+
+def query_features(
+    events: Sequence[Event],
+    attributes: Mapping[str, str],
+    titles: Mapping[str, str],
+    policy: ExamplePolicy,
+    before: Optional[int] = None,
+) -> tuple:
+    """(user_text, history_item_ids) of a user's query as of time `before`.
+
+    The same query preprocessing builds for a training target at `before`;
+    batch scoring and segment refresh call it with `before` = the scoring
+    time (None: after the last event, so every event counts).
+    events: sorted by (timestamp, item_id) (see sort_events).
+    """
+    if before is None:
+        before = (events[-1].timestamp + 1) if events else 0
+    history = history_for(events, before, policy.max_history)
+    return query_text(history, attributes, titles, policy), history
+
+
+def _example(user_id, target: Event, text: str, history) -> dict:
     return {
         features.USER_ID: user_id,
-        features.USER_TEXT: user_text(attributes, recent_titles),
+        features.USER_TEXT: text,
         features.HISTORY_ITEM_IDS: list(history),
         features.ITEM_ID: target.item_id,
         features.TIMESTAMP: int(target.timestamp),

@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_pipelines import examples as ex
-from beam_pipelines import readers, records
+from beam_pipelines import outputs, readers, records
 from beam_pipelines import transforms as T
 from trainer import features
 
@@ -206,28 +206,9 @@ OUTPUT_GLOBS = (
 )
 
 
-def existing_outputs(output_dir: str) -> list:
-    found = []
-    for pattern in OUTPUT_GLOBS:
-        for match in FileSystems.match([FileSystems.join(output_dir, pattern)])[0].metadata_list:
-            found.append(match.path)
-    return sorted(found)
-
-
 def prepare_output_dir(config: PreprocessConfig) -> None:
     """Refuses to mix a new dataset with an old one's shards unless --overwrite."""
-    old = existing_outputs(config.output_dir)
-    if old and not config.overwrite:
-        raise records.InputError(
-            f"output dir {config.output_dir} already holds a dataset ({len(old)} files, e.g. {old[0]}); "
-            "pass --overwrite to replace it or choose another --output-dir"
-        )
-    if old:
-        FileSystems.delete(old)
-    if "://" not in config.output_dir:
-        import os
-
-        os.makedirs(config.output_dir, exist_ok=True)
+    outputs.prepare_output_dir(config.output_dir, OUTPUT_GLOBS, config.overwrite, "a dataset")
 
 
 def compose_stats(counts: dict) -> dict:
@@ -266,16 +247,6 @@ def compose_stats(counts: dict) -> dict:
     return stats
 
 
-def _read_text(path: str) -> str:
-    with FileSystems.open(path) as f:
-        return f.read().decode("utf-8")
-
-
-def _write_text(path: str, text: str) -> None:
-    with FileSystems.create(path) as f:
-        f.write(text.encode("utf-8"))
-
-
 def written_files(output_dir: str) -> dict:
     groups = {
         "train": features.TRAIN_PATTERN, "eval": features.EVAL_PATTERN, "items": features.ITEMS_PATTERN,
@@ -304,13 +275,13 @@ def run(config: PreprocessConfig, beam_args: Sequence[str] = ()) -> PreprocessSu
     seconds = time.time() - start
 
     counts_path = _path(config, COUNTS_FILE)
-    counts = json.loads(_read_text(counts_path))
+    counts = json.loads(outputs.read_text(counts_path))
     FileSystems.delete([counts_path])
     stats = compose_stats(counts)
     if not stats["balanced"]:
         raise RuntimeError(f"row accounting does not balance (a segrec bug): {json.dumps(stats['rows'])}")
-    _write_text(_path(config, features.STATS_FILE), json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    _write_text(_path(config, features.METADATA_FILE), json.dumps(_metadata(config, stats, runner, seconds), indent=2) + "\n")
+    outputs.write_text(_path(config, features.STATS_FILE), json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    outputs.write_text(_path(config, features.METADATA_FILE), json.dumps(_metadata(config, stats, runner, seconds), indent=2) + "\n")
     return PreprocessSummary(config.output_dir, stats, written_files(config.output_dir), seconds)
 
 

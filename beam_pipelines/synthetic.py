@@ -43,6 +43,8 @@ USER_COLUMNS = (features.USER_ID, "age", "gender", "country", "membership", "sig
 TRUTH_COLUMNS = (features.USER_ID, "segment", "segment_name")
 TRUTH_FILE = "segments_truth.csv"
 GENERATOR_FILE = "generator.json"
+DRIFT_TRUTH_FILE = "drift_truth.csv"  # periods=2 only: user_id, segment_before, segment_after, moved
+_DRIFT_FIELDS = ("periods", "drift_share", "drift_from", "drift_to")
 CATEGORY_SEPARATOR = "|"  # joins an item's categories in CSV
 
 START_TIMESTAMP = 1_704_067_200  # 2024-01-01T00:00:00Z
@@ -82,6 +84,15 @@ class GenerateConfig:
     format: str = "csv"
     cross_segment_rate: float = 0.12
     noise_rate: float = 0.05
+    # Planted drift (for `segrec segments refresh` tests and demos): periods=2
+    # adds a second year of interactions of the same users, in which a
+    # `drift_share` of segment `drift_from`'s users behave like segment
+    # `drift_to`. Who moved goes to drift_truth.csv. periods=1 writes exactly
+    # what it wrote before these fields existed.
+    periods: int = 1
+    drift_share: float = 0.0
+    drift_from: int = 0
+    drift_to: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,12 +138,29 @@ def resolve_counts(config: GenerateConfig) -> tuple:
             raise ValueError(f"{name} must be in [0, 1], got {rate!r}")
     if config.cross_segment_rate + config.noise_rate > 1.0:
         raise ValueError("cross_segment_rate + noise_rate must not exceed 1")
+    _check_drift(config, k)
     if interactions < MIN_EVENTS_PER_USER * users:
         raise ValueError(
             f"num_interactions ({interactions}) must be at least {MIN_EVENTS_PER_USER} x num_users "
             f"({MIN_EVENTS_PER_USER * users}); raise num_interactions or lower num_users"
         )
     return users, items, interactions
+
+
+def _check_drift(config: GenerateConfig, k: int) -> None:
+    if config.periods not in (1, 2) or isinstance(config.periods, bool):
+        raise ValueError(f"periods must be 1 or 2, got {config.periods!r}")
+    rate = config.drift_share
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"drift_share must be in [0, 1], got {rate!r}")
+    if rate > 0 and config.periods != 2:
+        raise ValueError("drift_share needs periods=2 (drift happens in the second period)")
+    for name in ("drift_from", "drift_to"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < k:
+            raise ValueError(f"{name} must be a segment id in 0..{k - 1}, got {value!r}")
+    if rate > 0 and config.drift_from == config.drift_to:
+        raise ValueError("drift_from and drift_to must differ")
 
 
 def _ids(prefix: str, n: int) -> np.ndarray:
@@ -290,7 +318,7 @@ def _draw_interactions(a: int, b: int, ctx: dict, rng: np.random.Generator) -> d
     span = elapsed[first + cnt - 1]
     target = np.minimum(span, SPAN_SECONDS - 1)
     scale = np.divide(target, span, out=np.ones_like(span), where=span > 0)
-    start = START_TIMESTAMP + np.floor(rng.random(b - a) * (SPAN_SECONDS - 1 - target))
+    start = ctx.get("start", START_TIMESTAMP) + np.floor(rng.random(b - a) * (SPAN_SECONDS - 1 - target))
     timestamp = (np.repeat(start, cnt) + np.floor(elapsed * np.repeat(scale, cnt))).astype(np.int64)
 
     in_segment = ctx["favourite"][ctx["segment"][user], ctx["primary"][item]]
@@ -368,6 +396,8 @@ def generate(config: GenerateConfig, progress: bool = False) -> GenerateSummary:
     ctx["segment_cdf"][:, -1] = 1.0
     ctx["event_cdf"][:, -1] = 1.0
 
+    drift = _second_period(config, ctx, seg_pref, user_rng_weights=weights) if config.periods == 2 else None
+
     os.makedirs(config.output_dir, exist_ok=True)
     names = {
         "interactions": f"interactions.{fmt}",
@@ -376,6 +406,8 @@ def generate(config: GenerateConfig, progress: bool = False) -> GenerateSummary:
         "segments_truth": TRUTH_FILE,
         "generator": GENERATOR_FILE,
     }
+    if drift is not None:
+        names["drift_truth"] = DRIFT_TRUTH_FILE
     files = {key: os.path.join(config.output_dir, name) for key, name in names.items()}
 
     _write_table(
@@ -401,19 +433,34 @@ def generate(config: GenerateConfig, progress: bool = False) -> GenerateSummary:
         },
     )
 
-    chunks = _interaction_chunks(counts)
+    if drift is not None:
+        _write_table(
+            files["drift_truth"],
+            "csv",
+            {
+                features.USER_ID: ctx["user_ids"],
+                "segment_before": segment.astype(np.int64),
+                "segment_after": drift["ctx"]["segment"].astype(np.int64),
+                "moved": drift["moved"].astype(np.int64),
+            },
+        )
+
+    # Period 2 goes after period 1 in the same file, drawn from its own stream,
+    # so period 1's rows are the same bytes as a one-period run's.
+    periods = [(ctx, event_rng)] + ([(drift["ctx"], drift["rng"])] if drift is not None else [])
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=num_interactions, unit="rows", desc="interactions")
+        bar = tqdm(total=num_interactions * len(periods), unit="rows", desc="interactions")
     writer = _TableWriter(files["interactions"], fmt)
     try:
-        for a, b in chunks:
-            rows = _draw_interactions(a, b, ctx, event_rng)
-            writer.write(rows)
-            if bar is not None:
-                bar.update(len(rows[features.TIMESTAMP]))
+        for period_ctx, period_rng in periods:
+            for a, b in _interaction_chunks(period_ctx["counts"]):
+                rows = _draw_interactions(a, b, period_ctx, period_rng)
+                writer.write(rows)
+                if bar is not None:
+                    bar.update(len(rows[features.TIMESTAMP]))
     finally:
         writer.close()
         if bar is not None:
@@ -423,12 +470,14 @@ def generate(config: GenerateConfig, progress: bool = False) -> GenerateSummary:
     meta = {
         "generator": "segrec.synthetic",
         "version": 1,
-        # output_dir is left out so the same config writes the same bytes anywhere.
-        "config": {key: v for key, v in dataclasses.asdict(config).items() if key != "output_dir"},
+        # output_dir is left out so the same config writes the same bytes anywhere;
+        # the drift fields only when a second period was drawn.
+        "config": {key: v for key, v in dataclasses.asdict(config).items()
+                   if key != "output_dir" and (drift is not None or key not in _DRIFT_FIELDS)},
         "counts": {"users": num_users, "items": num_items, "interactions": num_interactions, "segments": k},
         "format": fmt,
         "files": names,
-        "time_range": {"start": START_TIMESTAMP, "end": START_TIMESTAMP + SPAN_SECONDS},
+        "time_range": {"start": START_TIMESTAMP, "end": START_TIMESTAMP + config.periods * SPAN_SECONDS},
         "categories": list(cat.CATEGORIES),
         "segments": [
             {
@@ -441,6 +490,15 @@ def generate(config: GenerateConfig, progress: bool = False) -> GenerateSummary:
             for s, arch in enumerate(archetypes)
         ],
     }
+    if drift is not None:
+        meta["drift"] = {
+            "period_2_start": START_TIMESTAMP + SPAN_SECONDS,
+            "from": int(config.drift_from),
+            "to": int(config.drift_to),
+            "share": float(config.drift_share),
+            "moved_users": int(drift["moved"].sum()),
+            "interactions_per_period": num_interactions,
+        }
     with open(files["generator"], "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True, default=lambda o: o.item() if hasattr(o, "item") else str(o))
         fh.write("\n")
@@ -450,7 +508,30 @@ def generate(config: GenerateConfig, progress: bool = False) -> GenerateSummary:
         files=files,
         num_users=num_users,
         num_items=num_items,
-        num_interactions=num_interactions,
+        num_interactions=num_interactions * config.periods,
         num_segments=k,
         segment_names=segment_names,
     )
+
+
+def _second_period(config: GenerateConfig, ctx: dict, seg_pref: np.ndarray, user_rng_weights: np.ndarray) -> dict:
+    """Context of period 2: same users and catalog, a year later; movers take `drift_to`'s taste.
+
+    Drawn from a fifth random stream (spawn key 4), so period 1 is untouched.
+    Returns {"ctx": period-2 context, "rng": its event stream, "moved": [U] bool}.
+    """
+    drift_rng, event_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(config.seed), spawn_key=(4,)).spawn(2))
+    segment = ctx["segment"]
+    moved = (segment == config.drift_from) & (drift_rng.random(segment.size) < config.drift_share)
+    new_segment = np.where(moved, config.drift_to, segment)
+    gamma = drift_rng.gamma(_USER_CONCENTRATION * seg_pref[new_segment])
+    moved_cdf = np.cumsum(gamma / gamma.sum(axis=1, keepdims=True), axis=1).astype(np.float32)
+    moved_cdf[:, -1] = 1.0
+    secondary = np.where(moved & (ctx["secondary"] == config.drift_to), config.drift_from, ctx["secondary"])
+    n_users = segment.size
+    total = int(ctx["counts"].sum())
+    counts = MIN_EVENTS_PER_USER + drift_rng.multinomial(total - MIN_EVENTS_PER_USER * n_users,
+                                                        user_rng_weights / user_rng_weights.sum())
+    ctx2 = dict(ctx, counts=counts, segment=new_segment, secondary=secondary,
+                user_cdf=np.where(moved[:, None], moved_cdf, ctx["user_cdf"]), start=START_TIMESTAMP + SPAN_SECONDS)
+    return {"ctx": ctx2, "rng": event_rng, "moved": moved}

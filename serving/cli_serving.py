@@ -20,7 +20,8 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-recall", type=float, default=0.95,
                    help="least ScaNN recall@10 against brute force on held-out queries (default 0.95)")
     p.add_argument("--recall-queries", type=int, default=1000, help="held-out queries of the recall check")
-    p.add_argument("--segments", help="a refreshed segments.json whose centroids replace the model's")
+    p.add_argument("--segments", help="a refreshed segments.json (`segrec segments refresh`) whose centroids "
+                   "replace the model's (same K and embedding dim) and which is copied beside the model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     p.add_argument("--seed", type=int, default=0)
 
@@ -51,13 +52,20 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for new versions")
     p.add_argument("--max-batch-size", type=int, default=64, help="rows of one model call and of one request")
-    p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="how long a request waits for others")
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0,
+                   help="with --batch-threads > 1: how long a queued request waits for others while the model is "
+                        "busy (a request that finds the model idle runs at once)")
+    p.add_argument("--batch-threads", type=int, default=1,
+                   help="model calls that may run at the same time (TF Serving's num_batch_threads)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--version-labels", default="", help="e.g. stable=1,canary=2")
     p.add_argument("--max-string-mb", type=float, default=10.0, help="largest string element of a request")
     p.add_argument("--token-env", help="name of an environment variable holding a bearer token to require")
     p.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve gRPC over TLS)")
     p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--fault-delay-ms", type=float, default=0.0,
+                   help="fault drill: add this much latency inside every model call (tests, drills; never in "
+                        "production)")
 
 
 @command("serve", "Serve exported versions over TF Serving's gRPC API (development server).")(_add_serve_args)
@@ -68,9 +76,11 @@ def run_serve(args: argparse.Namespace, beam_args) -> int:
 
     if not os.path.isdir(args.model_base_path):
         raise UserError(f"--model-base-path {args.model_base_path} is not a directory")
+    if args.fault_delay_ms < 0 or args.batch_timeout_ms < 0:
+        raise UserError("--fault-delay-ms and --batch-timeout-ms must be >= 0")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
-    for flag in ("max_batch_size", "max_queue"):
+    for flag in ("max_batch_size", "max_queue", "batch_threads"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     token = None
@@ -84,7 +94,8 @@ def run_serve(args: argparse.Namespace, beam_args) -> int:
         max_queue=args.max_queue, rest_port=args.rest_port, metrics_port=args.metrics_port,
         version_labels=server.parse_labels(args.version_labels),
         max_string_bytes=int(args.max_string_mb * 1024 * 1024), token=token,
-        tls_cert=args.tls_cert, tls_key=args.tls_key)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, batch_threads=args.batch_threads,
+        fault_delay_ms=args.fault_delay_ms)
     return server.serve(config)
 
 

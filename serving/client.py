@@ -1,7 +1,10 @@
 """`RecommenderClient`: typed recommendations from `segrec serve` or TF Serving.
 
 Only PredictionService calls are used (Predict, GetModelMetadata), so the same
-client talks to stock TF Serving. Every attempt has a deadline; UNAVAILABLE
+client talks to stock TF Serving. serving_default takes k and beta with the
+batch dimension ([B], one per user); the answer's item_ids / scores have
+max(k) columns, "" / -inf past a row's k or where the catalog runs out, and
+the client drops those pads. Every attempt has a deadline; UNAVAILABLE
 (server starting, restarting, connection refused) is retried with
 exponential backoff and jitter, nothing else is (a bad request stays bad).
 
@@ -122,8 +125,9 @@ class RecommenderClient:
             truncate = k
         else:
             request.model_spec.signature_name = SERVING_DEFAULT
-            request.inputs[features.K].CopyFrom(tf.make_tensor_proto(np.int32(k)))
-            request.inputs[features.BETA].CopyFrom(tf.make_tensor_proto(np.float32(beta)))
+            # One k and beta per row: serving_default's knobs have the batch dimension.
+            request.inputs[features.K].CopyFrom(tf.make_tensor_proto(np.full(len(users), k, np.int32)))
+            request.inputs[features.BETA].CopyFrom(tf.make_tensor_proto(np.full(len(users), beta, np.float32)))
         response = self._with_retries(self._stub.Predict, request)
         out = {name: tf.make_ndarray(t) for name, t in response.outputs.items()}
         model_version = response.model_spec.version.value
@@ -133,8 +137,9 @@ class RecommenderClient:
         labels = self._labels(model_version, version_label, version)
         recs = []
         for row in range(len(users)):
-            ids = out[features.OUT_ITEM_IDS][row][:truncate]
-            scores = out[features.OUT_SCORES][row][:truncate]
+            # At most k: TF Serving's batching may hand back a merged call's wider (padded) rows.
+            ids = out[features.OUT_ITEM_IDS][row][:k]
+            scores = out[features.OUT_SCORES][row][:k]
             items = [ScoredItem(i.decode(), float(s), self.titles.get(i.decode()))
                      for i, s in zip(ids, scores) if i and math.isfinite(s)]
             seg = int(out[features.SEGMENT_ID][row])

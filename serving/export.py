@@ -118,13 +118,17 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
     if tf.io.gfile.exists(final_dir) and not config.overwrite:
         raise FileExistsError(f"{final_dir} exists; pass --overwrite or another --version")
 
+    refreshed = read_segments(config.segments_path) if config.segments_path else None
+    if refreshed is not None:
+        segment_centroids(refreshed, config.segments_path)  # a malformed file fails before the run loads
     _say(progress, f"loading run {config.run_dir}")
     run = rd.load_run(config.run_dir)
     model = run.model
     segments = run.segments
-    if config.segments_path:
-        segments = rd.read_json(config.segments_path)
-        apply_centroids(model, segments, config.segments_path)
+    if refreshed is not None:
+        apply_centroids(model, refreshed, config.segments_path)
+        segments = refreshed
+        _say(progress, f"segment centroids from {config.segments_path}")
     beta = float(run.train_config.get("beta", 0.0)) if config.default_beta is None else float(config.default_beta)
     embeddings = model.item_embeddings().numpy()
 
@@ -198,17 +202,51 @@ def _check_config(config: ExportConfig) -> None:
         raise ValueError(f"--version must be a positive integer, got {config.version}")
 
 
-def apply_centroids(model, segments: dict, source: str) -> None:
-    """Replaces the model's centroids [K, d] with those of a segments.json."""
+def read_segments(path: str) -> dict:
+    """The segments.json of `--segments`, or a ValueError naming the file."""
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"--segments {path}: no such file")
     try:
-        centroids = np.array([s["centroid"] for s in segments["segments"]], np.float32)
+        return rd.read_json(path)
+    except ValueError as e:
+        raise ValueError(f"--segments {path}: not JSON ({e})") from e
+
+
+def segment_centroids(segments: dict, source: str) -> np.ndarray:
+    """[K, d] centroids of a segments.json: its "centroids" [K][d] when it has
+    one, else segments[].centroid ordered by segment id (what `segrec train`
+    and `segrec segments refresh` write)."""
+    try:
+        if isinstance(segments, dict) and "centroids" in segments:
+            centroids = np.array(segments["centroids"], np.float32)
+        else:
+            entries = sorted(segments["segments"], key=lambda s: int(s["id"]))
+            ids = [int(s["id"]) for s in entries]
+            if ids != list(range(len(ids))):
+                raise ValueError(f"{source}: segment ids must be 0..K-1, got {ids}")
+            centroids = np.array([s["centroid"] for s in entries], np.float32)
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{source}: not a segments.json (needs segments[].centroid)") from e
+        raise ValueError(f"{source}: not a segments.json (needs segments[].id and .centroid, or centroids "
+                         f"[K][d]): {type(e).__name__} {e}") from e
+    except ValueError as e:
+        if str(e).startswith(source):
+            raise
+        raise ValueError(f"{source}: centroids are not a [K][d] array of numbers ({e})") from e
+    if centroids.ndim != 2 or not np.all(np.isfinite(centroids)):
+        raise ValueError(f"{source}: centroids must be a finite [K][d] array, got shape {centroids.shape}")
+    return centroids
+
+
+def apply_centroids(model, segments: dict, source: str) -> None:
+    """Replaces the model's centroids [K, d] with those of a segments.json
+    (same K and d as the model, else a ValueError naming `source`)."""
+    centroids = segment_centroids(segments, source)
     want = (model.num_segments, model.embedding_dim)
     if centroids.shape != want:
         raise ValueError(
-            f"{source}: centroids have shape {centroids.shape}, the model needs {want} "
-            "(K segments x embedding dim); refresh segments from this run"
+            f"{source}: centroids have shape {centroids.shape} (K={centroids.shape[0]}, d={centroids.shape[1]}), "
+            f"the model needs {want} (K={want[0]} segments x embedding dim d={want[1]}); "
+            "refresh segments from this run's model"
         )
     model.segment_head.centroids_var.assign(centroids)
 
@@ -256,8 +294,9 @@ def warmup_inputs(run, k: int, beta: float, users: int = WARMUP_USERS) -> dict:
     inputs = {features.USER_TEXT: batch[features.USER_TEXT], features.HISTORY_ITEM_IDS: hist[:, :width]}
     if run.model.user_id_buckets > 0:
         inputs[features.USER_ID] = batch[features.USER_ID]
-    inputs[features.K] = tf.constant(k, tf.int32)
-    inputs[features.BETA] = tf.constant(beta, tf.float32)
+    rows = int(inputs[features.USER_TEXT].shape[0])
+    inputs[features.K] = tf.fill([rows], tf.constant(k, tf.int32))
+    inputs[features.BETA] = tf.fill([rows], tf.constant(beta, tf.float32))
     return inputs
 
 

@@ -20,6 +20,10 @@ class Metrics:
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.batch_requests = pc.Histogram("segrec_batch_requests", "requests merged into each model call",
                                            buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.in_model = pc.Gauge("segrec_requests_in_model", "requests inside a model call now",
+                                 registry=self.registry)
+        self.queued = pc.Gauge("segrec_queued_requests", "requests waiting for a model call",
+                               registry=self.registry)
         self.version = pc.Gauge("segrec_loaded_version", "the version served by default (0 = none)",
                                 registry=self.registry)
         self.version_state = pc.Gauge("segrec_version_state", "ModelVersionStatus.State of each version seen",
@@ -33,6 +37,13 @@ class Metrics:
     def observe_batch(self, rows: int, requests: int) -> None:
         self.batch_rows.observe(rows)
         self.batch_requests.observe(requests)
+
+    def observe_in_model(self, delta: int) -> None:
+        self.in_model.inc(delta)
+
+    def track_queue(self, queued) -> None:
+        """queued() -> the number of requests waiting, read at each scrape."""
+        self.queued.set_function(queued)
 
     def observe_versions(self, snapshot: mm.Snapshot) -> None:
         self.version.set(max(snapshot.loaded) if snapshot.loaded else 0)

@@ -8,7 +8,12 @@
 
 The JSON is turned into a PredictRequest with the signature's dtypes and goes
 through the gRPC path's validation, batching and model call, so REST and gRPC
-answer alike. Errors are {"error": "..."} with an HTTP status for the code.
+answer alike. serving_default's k and beta are inputs like the others, one
+value per row: columnar `"inputs": {"user_text": [...], ..., "k": [10, 5],
+"beta": [0.5, 0.0]}`, or per instance in the row format `"instances":
+[{"user_text": "...", "history_item_ids": [...], "k": 10, "beta": 0.5}, ...]`
+(instances' histories of different lengths are right-padded with "").
+Errors are {"error": "..."} with an HTTP status for the code.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import threading
 from typing import Optional
 
 import numpy as np
+
+from trainer import features
 
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?P<verb>:predict|/metadata)?$")
@@ -158,10 +165,13 @@ def _columns(instances, specs) -> dict:
     cols = {}
     for name in instances[0]:
         values = [r.get(name) for r in instances]
-        if name in specs and specs[name].rank == 0:  # a per-request knob (k, beta): one value for all rows
+        if name in specs and specs[name].rank == 0:  # an older export's scalar knob: one value for all rows
             if len({json.dumps(v) for v in values}) != 1:
                 raise ServeError("INVALID_ARGUMENT", f"instances.{name}: must be the same in every instance")
             cols[name] = values[0]
+        elif name == features.HISTORY_ITEM_IDS and all(isinstance(v, list) for v in values):
+            width = max([len(v) for v in values] + [1])
+            cols[name] = [v + [features.PAD_ITEM_ID] * (width - len(v)) for v in values]
         else:
             cols[name] = values
     return cols

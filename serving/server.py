@@ -7,12 +7,19 @@
     grpc.health.v1     Health/Check (SERVING once a version is loaded)
 
 A request goes: auth (optional bearer token) -> model_spec -> version
-(model_manager) -> validation (before the model) -> batching queue (bounded)
--> the SavedModel signature. A wrong request is INVALID_ARGUMENT / NOT_FOUND /
+(model_manager) -> validation (before the model) -> batching queue (bounded,
+adaptive: serving/batching.py) -> the SavedModel signature. A wrong request is INVALID_ARGUMENT / NOT_FOUND /
 FAILED_PRECONDITION with the field named; a full queue RESOURCE_EXHAUSTED.
 `Predictor` holds that logic once; the gRPC servicers and the REST adapter
 (serving/rest.py) are thin wrappers around it. SIGTERM stops taking new
-calls, answers the in-flight ones and exits 0.
+calls (health turns NOT_SERVING, Predict answers UNAVAILABLE), answers the
+in-flight and queued ones and exits 0.
+
+Fault drill: `fault_delay_ms` (`segrec serve --fault-delay-ms`) adds that
+much latency inside every model call, so tests and drills can hold a request
+inside the model (visible as the `segrec_requests_in_model` gauge) while
+they send SIGTERM, fill the queue or publish a version. Never set it in
+production.
 """
 
 from __future__ import annotations
@@ -45,8 +52,12 @@ class ServeConfig:
 
     model_base_path holds <model_name>/<N>/. rest_port / metrics_port 0 = off.
     version_labels: label -> version. max_batch_size: rows of one model call
-    (and of one request); batch_timeout_ms: how long the oldest request
-    waits for others; max_queue: requests waiting before RESOURCE_EXHAUSTED.
+    (and of one request); batch_timeout_ms: with batch_threads > 1, how long
+    the oldest queued request waits for others while the model is busy (a
+    request that finds the model idle runs at once); batch_threads: model
+    calls that may run at the same time; max_queue: requests waiting before
+    RESOURCE_EXHAUSTED. fault_delay_ms: latency added inside every model
+    call (fault drills and tests only).
     token: bearer token every call must carry (None = no auth). tls_cert /
     tls_key: PEM files for a TLS port. max_message_bytes: gRPC receive limit.
     """
@@ -69,6 +80,8 @@ class ServeConfig:
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     grace_seconds: float = 10.0
+    batch_threads: int = 1
+    fault_delay_ms: float = 0.0
 
     @property
     def labels(self) -> dict:
@@ -99,12 +112,19 @@ class Predictor:
         self.manager = manager
         self.metrics = metrics
         self.limits = val.Limits(max_batch=config.max_batch_size, max_string_bytes=config.max_string_bytes)
+        self.draining = False
+        self._fault_delay_s = max(0.0, config.fault_delay_ms) / 1000.0
         self.batcher = batching.Batcher(self._run, max_batch_size=config.max_batch_size,
                                         timeout_s=config.batch_timeout_ms / 1000.0, max_queue=config.max_queue,
-                                        on_batch=metrics.observe_batch if metrics else None)
+                                        num_threads=config.batch_threads,
+                                        on_batch=metrics.observe_batch if metrics else None,
+                                        in_model=metrics.observe_in_model if metrics else None)
+        if metrics is not None:
+            metrics.track_queue(self.batcher.queued)
 
-    @staticmethod
-    def _run(loaded, signature, inputs):
+    def _run(self, loaded, signature, inputs):
+        if self._fault_delay_s:
+            time.sleep(self._fault_delay_s)  # fault drill: the request is inside the model meanwhile
         return loaded.call(signature, inputs)
 
     def resolve(self, model_spec) -> mm.LoadedVersion:
@@ -124,6 +144,8 @@ class Predictor:
     def predict(self, request, timeout: Optional[float] = None):
         from tensorflow_serving.apis import predict_pb2
 
+        if self.draining:
+            raise ServeError("UNAVAILABLE", "the server is shutting down; retry on another replica")
         loaded = self.resolve(request.model_spec)
         try:
             signature = val.check_signature(request.model_spec.signature_name, loaded)
@@ -135,6 +157,8 @@ class Predictor:
             future = self.batcher.submit(loaded, signature, inputs)
         except batching.QueueFull as err:
             raise ServeError("RESOURCE_EXHAUSTED", str(err)) from None
+        except batching.ShuttingDown as err:
+            raise ServeError("UNAVAILABLE", str(err)) from None
         try:
             outputs = future.result(timeout=min(timeout or _MAX_WAIT_S, _MAX_WAIT_S))
         except concurrent.futures.TimeoutError:
@@ -405,6 +429,7 @@ class Server:
 
     def stop(self) -> None:
         """Stop taking calls, answer the in-flight ones (up to grace_seconds), stop polling."""
+        self.predictor.draining = True  # first: once health says NOT_SERVING, Predict is refused
         self._draining = True
         if self.rest is not None:
             self.rest.stop()

@@ -4,8 +4,8 @@ serving signatures over explicit TensorSpecs.
 Signatures (names from trainer.features):
 
   serving_default      user_text [B] string, history_item_ids [B, H] string
-                       ("" padded), k [] int32, beta [] float32
-                       -> item_ids [B, k] string, scores [B, k] float32,
+                       ("" padded), k [B] int32, beta [B] float32
+                       -> item_ids [B, max(k)] string, scores [B, max(k)] float32,
                           segment_id [B] int32, segment_probs [B, K] float32
   recommend_defaults   user_text, history_item_ids -> as serving_default, with
                        the export's default k and beta baked in
@@ -16,18 +16,27 @@ Signatures (names from trainer.features):
 
 (plus user_id [B] string on every signature when the model hashes user ids.)
 
+Every input has the batch dimension, k and beta included (one knob per row),
+so TF Serving's server-side batching, which concatenates the inputs of
+concurrent requests along dim 0, can batch serving_default: stock TF Serving
+batches a brute-force export as is (history_item_ids must then have one
+width across the batch, see k8s/base/config/batching_parameters.txt).
+
 k and beta: a TF Serving signature has no optional inputs (a PredictRequest
 must carry exactly the signature's inputs), so "optional" is two signatures:
 serving_default takes both knobs (the client fills its defaults), and
 recommend_defaults / serving_tf_example use the defaults the export recorded
 (k = ExportConfig.default_k, beta = the run's beta unless overridden; both in
-the model card). k outside [1, k_max] fails with INVALID_ARGUMENT.
+the model card). A k outside [1, k_max] or a non-finite beta fails with
+INVALID_ARGUMENT naming the input, and so does a k or beta whose length is
+not user_text's.
 
-Retrieval: q = normalise(u + beta * c_segment) (cold users: their centroid),
-exactly as SegRecModel computes it; the index returns min(k + H, N)
-candidates, items in the request's history are dropped, the best k are kept.
-Slots that cannot be filled (k greater than the catalog minus the history)
-hold item id "" and score -inf.
+Retrieval, row by row: q_i = normalise(u_i + beta_i * c_seg_i) (cold users:
+their centroid), exactly as SegRecModel computes it; the index returns
+min(max(k) + H, N) candidates, items in the row's history are dropped, the
+best are kept. Row i holds its best k_i items in columns 0..k_i-1; the
+columns after k_i, and slots that cannot be filled (k_i greater than the
+catalog minus the history), hold item id "" and score -inf.
 """
 
 from __future__ import annotations
@@ -62,8 +71,8 @@ def user_specs(with_user_id: bool) -> dict:
 
 def knob_specs() -> dict:
     return {
-        features.K: tf.TensorSpec([], tf.int32, name=features.K),
-        features.BETA: tf.TensorSpec([], tf.float32, name=features.BETA),
+        features.K: tf.TensorSpec([None], tf.int32, name=features.K),
+        features.BETA: tf.TensorSpec([None], tf.float32, name=features.BETA),
     }
 
 
@@ -124,43 +133,60 @@ class ServingModule(tf.Module):
         return batch
 
     def recommend(self, inputs: dict, k, beta) -> dict:
-        """User inputs, k [] int32, beta [] float32 -> RECOMMEND_OUTPUTS."""
-        k = tf.convert_to_tensor(k, tf.int32)
-        beta = tf.convert_to_tensor(beta, tf.float32)
+        """User inputs, k and beta ([B] each, or scalars for every row) -> RECOMMEND_OUTPUTS."""
+        batch = self._batch(inputs)
+        rows = tf.shape(batch[features.USER_TEXT])[0]
+        k = self._per_row(tf.convert_to_tensor(k, tf.int32), rows, features.K)
+        beta = self._per_row(tf.convert_to_tensor(beta, tf.float32), rows, features.BETA)
         checks = [
-            tf.debugging.assert_greater_equal(k, 1, message=f"k must be in [1, {self.k_max}]"),
-            tf.debugging.assert_less_equal(k, self.k_max, message=f"k must be in [1, {self.k_max}]"),
-            tf.debugging.assert_all_finite(beta, message="beta must be finite"),
+            tf.debugging.assert_greater_equal(k, 1, message=f"inputs.k: k must be in [1, {self.k_max}]"),
+            tf.debugging.assert_less_equal(k, self.k_max, message=f"inputs.k: k must be in [1, {self.k_max}]"),
+            tf.debugging.assert_all_finite(beta, message="inputs.beta: beta must be finite"),
         ]
         with tf.control_dependencies(checks):
             k = tf.identity(k)
-        batch = self._batch(inputs)
-        out = self.model(batch, training=False, beta=beta)
+            beta = tf.identity(beta)
+        # [B, 1] so that each row's beta scales its own centroid [B, d].
+        out = self.model(batch, training=False, beta=beta[:, None])
         history = self.model.item_tower.rows(batch[features.HISTORY_ITEM_IDS])  # [B, H], 0 = pad/unknown
-        n = tf.minimum(k + tf.shape(history)[1], self.num_items)
+        cols = tf.maximum(tf.reduce_max(k), 1)  # max(k); 1 for an empty batch (no rows to fill)
+        n = tf.minimum(cols + tf.shape(history)[1], self.num_items)
         scores, idx = self.index.search(out[features.QUERY], n)
         # Candidate row = catalog index + 1 (row 0 is the pad/unknown item).
-        rows = idx + 1
+        candidates = idx + 1
         seen = tf.reduce_any(
-            tf.logical_and(rows[:, :, None] == history[:, None, :], history[:, None, :] > 0), axis=-1
+            tf.logical_and(candidates[:, :, None] == history[:, None, :], history[:, None, :] > 0), axis=-1
         )
         invalid = tf.logical_or(seen, idx < 0)  # ScaNN marks missing neighbours with -1
         neg_inf = tf.fill(tf.shape(scores), tf.constant(-np.inf, tf.float32))
         scores = tf.where(invalid, neg_inf, scores)
-        top = tf.math.top_k(scores, k=tf.minimum(k, tf.shape(scores)[1]))
+        top = tf.math.top_k(scores, k=tf.minimum(cols, tf.shape(scores)[1]))
         best = tf.gather(tf.maximum(idx, 0), top.indices, batch_dims=1)
         ids = tf.gather(self.item_id_table, best)
-        ids = tf.where(tf.math.is_finite(top.values), ids, features.PAD_ITEM_ID)
-        # Pad to exactly k columns when the catalog (minus history) is smaller.
-        missing = k - tf.shape(top.values)[1]
+        # Pad to exactly max(k) columns when the catalog (minus history) is smaller.
+        missing = cols - tf.shape(top.values)[1]
         ids = tf.pad(ids, [[0, 0], [0, missing]], constant_values=features.PAD_ITEM_ID)
         values = tf.pad(top.values, [[0, 0], [0, missing]], constant_values=-np.inf)
+        # Row i keeps columns 0..k_i-1; unfillable slots and the columns past k_i are ""/-inf.
+        keep = tf.logical_and(tf.range(cols)[None, :] < k[:, None], tf.math.is_finite(values))
         return {
-            features.OUT_ITEM_IDS: ids,
-            features.OUT_SCORES: values,
+            features.OUT_ITEM_IDS: tf.where(keep, ids, features.PAD_ITEM_ID),
+            features.OUT_SCORES: tf.where(keep, values, tf.constant(-np.inf, tf.float32)),
             features.SEGMENT_ID: out[features.SEGMENT_ID],
             features.SEGMENT_PROBS: out[features.SEGMENT_PROBS],
         }
+
+    @staticmethod
+    def _per_row(value: tf.Tensor, rows, name: str) -> tf.Tensor:
+        """A scalar knob -> [B] (the defaults); a [B] knob is checked to have one value per row."""
+        if value.shape.rank == 0:
+            return tf.fill([rows], value)
+        check = tf.debugging.assert_equal(
+            tf.shape(value)[0], rows,
+            message=f"inputs.{name}: needs one value per row of {features.USER_TEXT} (shape [B])",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(value)
 
     # --- signature bodies ------------------------------------------------------------
     def _serving_default(self, inputs):

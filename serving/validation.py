@@ -81,6 +81,9 @@ def _decode(name: str, proto, spec, limits: Limits) -> np.ndarray:
     if proto.tensor_shape.unknown_rank:
         raise bad(f"inputs.{name}: unknown rank; expected rank {spec.rank}")
     dims = [d.size for d in proto.tensor_shape.dim]
+    if spec.rank == 1 and not dims and name in (features.K, features.BETA):
+        raise bad(f"inputs.{name}: a scalar; this model takes one {name} per row of the batch (shape [B], "
+                  f"e.g. [{name}] for one user)")
     if spec.rank >= 0 and len(dims) != spec.rank:
         raise bad(f"inputs.{name}: rank {len(dims)} (shape {dims}), expected rank {spec.rank}")
     if any(d < 0 for d in dims):
@@ -120,6 +123,10 @@ def _check_values(arrays: dict, loaded, limits: Limits) -> None:
             raise bad(f"inputs.{name}: batch of {rows} rows, more than the limit {limits.max_batch}")
         if rows == 0:
             raise bad(f"inputs.{name}: empty batch")
+    users = [(n, r) for n, r in batch_of if n not in (features.K, features.BETA)]
+    if len({rows for _, rows in users}) > 1:
+        raise bad("inputs: batch sizes differ: " + ", ".join(f"{n} has {r}" for n, r in users))
+    _check_knob_rows(arrays)
     if len({rows for _, rows in batch_of}) > 1:
         raise bad("inputs: batch sizes differ: " + ", ".join(f"{n} has {r}" for n, r in batch_of))
     if hist is not None:
@@ -131,14 +138,35 @@ def _check_values(arrays: dict, loaded, limits: Limits) -> None:
     if text is None and examples is None and features.USER_TEXT in _all_inputs(loaded):
         raise bad(f"inputs.{features.USER_TEXT}: missing")
     if features.K in arrays:
-        k = int(arrays[features.K])
+        k = arrays[features.K].reshape(-1)
         k_max = loaded.k_max
-        if k < 1 or (k_max is not None and k > k_max):
-            raise bad(f"inputs.{features.K}: {k} is out of range; k must be in [1, {k_max or 'k_max'}]")
+        out = np.flatnonzero((k < 1) | (k > k_max)) if k_max is not None else np.flatnonzero(k < 1)
+        if out.size:
+            raise bad(f"inputs.{features.K}: {int(k[out[0]])}{_row(arrays[features.K], out[0])} is out of range; "
+                      f"k must be in [1, {k_max or 'k_max'}]")
     if features.BETA in arrays:
-        beta = float(arrays[features.BETA])
-        if not math.isfinite(beta):
-            raise bad(f"inputs.{features.BETA}: must be finite, got {beta}")
+        beta = arrays[features.BETA].reshape(-1).astype(np.float64)
+        out = np.flatnonzero(~np.isfinite(beta))
+        if out.size:
+            raise bad(f"inputs.{features.BETA}: must be finite, got {beta[out[0]]}"
+                      f"{_row(arrays[features.BETA], out[0])}")
+
+
+def _check_knob_rows(arrays: dict) -> None:
+    """k and beta [B]: one value per row of user_text (or of history_item_ids)."""
+    ref = next(((n, arrays[n]) for n in (features.USER_TEXT, features.HISTORY_ITEM_IDS) if n in arrays), None)
+    if ref is None:
+        return
+    ref_name, ref_value = ref
+    for name in (features.K, features.BETA):
+        value = arrays.get(name)
+        if value is not None and value.ndim == 1 and value.shape[0] != ref_value.shape[0]:
+            raise bad(f"inputs.{name}: {value.shape[0]} values for {ref_value.shape[0]} rows of "
+                      f"inputs.{ref_name}; give one {name} per row (shape [B])")
+
+
+def _row(value: np.ndarray, index: int) -> str:
+    return f" (row {index})" if value.ndim == 1 else ""
 
 
 def _all_inputs(loaded) -> set:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
+import threading
 import time
 
 import grpc
@@ -66,18 +67,36 @@ def test_beta_none_is_the_models_default(client):
         client.recommend("plays guitar", [], k=11)
 
 
-def test_concurrent_requests_are_batched_and_answer_as_alone(client, server):
+def test_concurrent_requests_with_different_knobs_share_a_call_and_answer_as_alone(client, server):
+    """8 users, each with its own k and beta: the first call holds the model until
+    the other 7 are queued, and those 7 then run as ONE merged call (k and beta
+    concatenated per row); every answer equals the user's own call alone."""
     batch = users(server["ids"], n=8, seed=3)
-    want = [direct_call(server["export"], [u], 4, 0.25) for u in batch]
-    sizes = []
-    server["server"].predictor.batcher._on_batch = lambda rows, requests: sizes.append(requests)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda u: client.recommend(*u, k=4, beta=0.25), batch))
-    server["server"].predictor.batcher._on_batch = None
-    assert max(sizes) > 1 and sum(sizes) == 8  # merged calls (20 ms batch window)
-    for rec, w in zip(got, want):
+    knobs = [(2 + i, (0.0, 0.25, 1.0)[i % 3]) for i in range(8)]
+    want = [direct_call(server["export"], [u], k, b) for u, (k, b) in zip(batch, knobs)]
+    batcher = server["server"].predictor.batcher
+    run, sizes, first = batcher._run, [], threading.Event()
+
+    def gated(loaded, signature, inputs):
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 20
+            while batcher.queued() < 7 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return run(loaded, signature, inputs)
+
+    batcher._run, batcher._on_batch = gated, lambda rows, requests: sizes.append(requests)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: client.recommend(*batch[i], k=knobs[i][0], beta=knobs[i][1]), range(8)))
+    finally:
+        batcher._run, batcher._on_batch = run, None
+    assert sizes == [1, 7]
+    for rec, w, (k, _) in zip(got, want, knobs):
+        assert len(rec.items) == k
         assert [i.item_id for i in rec.items] == [x.decode() for x in w[F.OUT_ITEM_IDS][0] if x]
-        np.testing.assert_allclose([i.score for i in rec.items], w[F.OUT_SCORES][0][: len(rec.items)], atol=1e-5)
+        np.testing.assert_allclose([i.score for i in rec.items], w[F.OUT_SCORES][0][:k], atol=1e-5)
+        assert rec.segment_id == w[F.SEGMENT_ID][0]
 
 
 def test_token_is_required_and_bad_requests_are_not_retried(server):
@@ -115,7 +134,7 @@ class _Flaky:
     """A PredictionService that is UNAVAILABLE `failures` times, then answers."""
 
     def __init__(self, failures: int, code=grpc.StatusCode.UNAVAILABLE):
-        self.failures, self.code, self.calls = failures, code, 0
+        self.failures, self.code, self.calls, self.requests = failures, code, 0, []
 
     def servicer(self):
         import tensorflow as tf
@@ -126,12 +145,14 @@ class _Flaky:
         class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             def Predict(self, request, context):
                 outer.calls += 1
+                outer.requests.append(request)
                 if outer.calls <= outer.failures:
                     context.abort(outer.code, "not now")
                 r = predict_pb2.PredictResponse()
                 r.model_spec.version.value = 7
-                r.outputs[F.OUT_ITEM_IDS].CopyFrom(tf.make_tensor_proto(np.array([[b"a", b""]], dtype=object)))
-                r.outputs[F.OUT_SCORES].CopyFrom(tf.make_tensor_proto(np.array([[0.5, -np.inf]], np.float32)))
+                # Wider than k=1 asks for, as a TF Serving batch merged with a bigger k would answer.
+                r.outputs[F.OUT_ITEM_IDS].CopyFrom(tf.make_tensor_proto(np.array([[b"a", b"b", b""]], dtype=object)))
+                r.outputs[F.OUT_SCORES].CopyFrom(tf.make_tensor_proto(np.array([[0.5, 0.4, -np.inf]], np.float32)))
                 r.outputs[F.SEGMENT_ID].CopyFrom(tf.make_tensor_proto(np.array([1], np.int32)))
                 r.outputs[F.SEGMENT_PROBS].CopyFrom(tf.make_tensor_proto(np.array([[0.2, 0.8]], np.float32)))
                 return r
@@ -145,6 +166,7 @@ class _Flaky:
     (1, grpc.StatusCode.INTERNAL, 1, False),  # never retried
 ])
 def test_retries_on_unavailable_only(failures, code, calls, ok, tmp_path):
+    import tensorflow as tf
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     from serving.client import RecommendError, RecommenderClient
@@ -157,8 +179,12 @@ def test_retries_on_unavailable_only(failures, code, calls, ok, tmp_path):
     try:
         with RecommenderClient(f"127.0.0.1:{port}", timeout=2, retries=3, backoff=0.01, default_beta=0.0) as c:
             if ok:
-                rec = c.recommend("x", [], k=2)
+                rec = c.recommend("x", [], k=1)
                 assert [(i.item_id, i.score) for i in rec.items] == [("a", 0.5)] and rec.model_version == 7
+                # The knobs have the batch dimension: one k and one beta for the one user.
+                sent = {name: tf.make_ndarray(t) for name, t in fake.requests[-1].inputs.items()}
+                assert sent[F.K].tolist() == [1] and sent[F.BETA].tolist() == [0.0]
+                assert sent[F.K].dtype == np.int32 and sent[F.BETA].dtype == np.float32
                 assert rec.segment_label == "segment 1"  # the fake has no segrec metadata
             else:
                 with pytest.raises(RecommendError) as err:

@@ -72,10 +72,14 @@ def _load(summary):
 
 
 def _request(batch, k, beta):
+    """serving_default inputs; k and beta: one value for every row, or a list per row."""
     import tensorflow as tf
 
+    rows = int(batch[F.USER_TEXT].shape[0])
+    k = np.broadcast_to(np.asarray(k, np.int32), [rows])
+    beta = np.broadcast_to(np.asarray(beta, np.float32), [rows])
     return {F.USER_TEXT: batch[F.USER_TEXT], F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS],
-            F.K: tf.constant(k, tf.int32), F.BETA: tf.constant(beta, tf.float32)}
+            F.K: tf.constant(k), F.BETA: tf.constant(beta)}
 
 
 def _ids(tensor):
@@ -119,7 +123,7 @@ def test_signature_keys_dtypes_and_shapes(exports):
     inputs = sigs["serving_default"].structured_input_signature[1]
     assert {k: (v.dtype, v.shape.as_list()) for k, v in inputs.items()} == {
         F.USER_TEXT: (tf.string, [None]), F.HISTORY_ITEM_IDS: (tf.string, [None, None]),
-        F.K: (tf.int32, []), F.BETA: (tf.float32, [])}
+        F.K: (tf.int32, [None]), F.BETA: (tf.float32, [None])}
     assert set(sigs["recommend_defaults"].structured_input_signature[1]) == {F.USER_TEXT, F.HISTORY_ITEM_IDS}
     assert set(sigs["serving_tf_example"].structured_input_signature[1]) == {F.EXAMPLES}
     rec = sigs["serving_default"].structured_outputs
@@ -151,18 +155,48 @@ def test_seen_items_are_never_returned(exports, reference):
         assert np.all(np.isneginf(scores[len(real):]))
     # A cold user (no history) gets full results.
     cold = fn(**{F.USER_TEXT: tf.constant(["nothing known"]), F.HISTORY_ITEM_IDS: tf.constant([[""]]),
-                 F.K: tf.constant(3), F.BETA: tf.constant(0.5)})
+                 F.K: tf.constant([3]), F.BETA: tf.constant([0.5])})
     assert all(_ids(cold[F.OUT_ITEM_IDS])[0])
 
 
 @slow
-def test_k_out_of_range_is_rejected(exports, reference):
+def test_bad_knobs_are_rejected_naming_the_input(exports, reference):
     import tensorflow as tf
 
+    batch = reference[2]
+    rows = int(batch[F.USER_TEXT].shape[0])
     fn = _load(exports["brute_force"]).signatures["serving_default"]
     for k in (0, 101):
-        with pytest.raises(tf.errors.InvalidArgumentError, match="k must be in"):
-            fn(**_request(reference[2], k, 0.5))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"inputs\.k: k must be in \[1, 100\]"):
+            fn(**_request(batch, [5] * (rows - 1) + [k], 0.5))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"inputs\.beta: beta must be finite"):
+        fn(**_request(batch, 5, [0.5] * (rows - 1) + [float("nan")]))
+    for name, value in ((F.K, tf.constant([5] * (rows + 1))), (F.BETA, tf.constant([0.5] * (rows - 1)))):
+        bad = dict(_request(batch, 5, 0.5), **{name: value})
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"inputs\.{name}: needs one value per row"):
+            fn(**bad)
+
+
+@slow
+def test_knobs_per_row_answer_as_each_row_alone(exports, reference):
+    """One call with a different k and beta per row == each row called alone,
+    its columns past its own k padded with "" / -inf."""
+    _, _, batch = reference
+    rows = int(batch[F.USER_TEXT].shape[0])
+    ks = [1 + (3 * i) % 7 for i in range(rows)]
+    betas = [(-0.5, 0.0, 0.5, 2.0)[i % 4] for i in range(rows)]
+    for kind in ("brute_force", "scann"):
+        fn = _load(exports[kind]).signatures["serving_default"]
+        got = fn(**_request(batch, ks, betas))
+        ids, scores = _ids(got[F.OUT_ITEM_IDS]), got[F.OUT_SCORES].numpy()
+        assert scores.shape == (rows, max(ks))
+        for i in range(rows):
+            one = {key: value[i : i + 1] for key, value in batch.items()}
+            alone = fn(**_request(one, ks[i], betas[i]))
+            assert ids[i][: ks[i]] == _ids(alone[F.OUT_ITEM_IDS])[0], (kind, i)
+            np.testing.assert_allclose(scores[i][: ks[i]], alone[F.OUT_SCORES].numpy()[0], atol=1e-5)
+            assert all(x == "" for x in ids[i][ks[i] :]) and np.all(np.isneginf(scores[i][ks[i] :]))
+            assert got[F.SEGMENT_ID].numpy()[i] == alone[F.SEGMENT_ID].numpy()[0]
 
 
 @slow
@@ -211,8 +245,11 @@ def test_warmup_file_holds_prediction_logs_the_model_answers(exports):
         req = log.predict_log.request
         assert (req.model_spec.name, req.model_spec.signature_name) == ("segrec", "serving_default")
         assert set(req.inputs) == {F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA}
-        out = fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in req.inputs.items()})
-        assert out[F.OUT_ITEM_IDS].shape[1] == tf.make_ndarray(req.inputs[F.K])
+        inputs = {k: tf.make_ndarray(v) for k, v in req.inputs.items()}
+        rows = len(inputs[F.USER_TEXT])
+        assert inputs[F.K].shape == (rows,) and inputs[F.BETA].shape == (rows,)
+        out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
+        assert out[F.OUT_ITEM_IDS].shape == (rows, inputs[F.K].max())
 
 
 @slow
@@ -236,20 +273,51 @@ def test_segments_override_replaces_centroids(trained, reference, tmp_path):
 
     run, _, batch = reference
     segments = json.loads((trained / "segments.json").read_text())
-    # Centroid k -> K-1-k: the same probabilities, permuted, so every user's
-    # segment id s becomes K-1-s.
-    refreshed = dict(segments, segments=list(reversed(segments["segments"])))
+    k = segments["num_segments"]
+    # Segment id j gets the old centroid of id perm[j] (a rotation, not an involution), so a
+    # user whose old segment was s is now in segment argsort(perm)[s].
+    perm = np.roll(np.arange(k), 1)
+    by_id = {s["id"]: s for s in segments["segments"]}
+    refreshed = dict(segments, segments=[dict(by_id[int(perm[j])], id=j) for j in range(k)])
     path = tmp_path / "refreshed.json"
     path.write_text(json.dumps(refreshed))
     summary = ex.export(ex.ExportConfig(run_dir=str(trained), base_path=str(tmp_path / "models"),
                                         index="brute_force", segments_path=str(path)))
     assert json.loads((tmp_path / "models" / "segrec" / "1" / "segments.json").read_text()) == refreshed
+    assert "centroids from" in (tmp_path / "models" / "segrec" / "1" / "model_card.md").read_text()
     users = {F.USER_TEXT: batch[F.USER_TEXT], F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS]}
-    got = _load(summary).signatures["user_embedding"](**users)[F.SEGMENT_ID].numpy()
     before = run.model(users, training=False)[F.SEGMENT_ID].numpy()
-    np.testing.assert_array_equal(got, segments["num_segments"] - 1 - before)
-    with pytest.raises(ValueError, match="centroids have shape"):
-        ex.apply_centroids(run.model, dict(segments, segments=segments["segments"][:2]), str(path))
+    sigs = _load(summary).signatures
+    want = np.argsort(perm)[before]
+    assert not np.array_equal(want, before)
+    np.testing.assert_array_equal(sigs["user_embedding"](**users)[F.SEGMENT_ID].numpy(), want)
+    np.testing.assert_array_equal(sigs["serving_default"](**_request(batch, 3, BETA))[F.SEGMENT_ID].numpy(), want)
+    # A bare {"centroids": [K][d]} document works too.
+    centroids = np.array([by_id[i]["centroid"] for i in range(k)])[perm]
+    np.testing.assert_allclose(ex.segment_centroids({"centroids": centroids.tolist()}, "x.json"),
+                               ex.segment_centroids(refreshed, "y.json"), atol=1e-6)
+
+
+@slow
+def test_segments_override_with_the_wrong_shape_fails_naming_the_file(trained, tmp_path, capsys):
+    segments = json.loads((trained / "segments.json").read_text())
+    cases = {
+        "fewer.json": dict(segments, segments=segments["segments"][:2]),
+        "wider.json": dict(segments, segments=[dict(s, centroid=s["centroid"] + [0.0]) for s in segments["segments"]]),
+        "nocentroid.json": {"segments": [{"id": 0}]},
+    }
+    want = {"fewer.json": "the model needs (4, 16)", "wider.json": "d=17", "nocentroid.json": "not a segments.json"}
+    for name, doc in cases.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+        code = cli.main(["export", "--run-dir", str(trained), "--base-path", str(tmp_path / "m"),
+                         "--index", "brute_force", "--segments", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and name in err and want[name] in err, err
+    code = cli.main(["export", "--run-dir", str(trained), "--base-path", str(tmp_path / "m"),
+                     "--segments", str(tmp_path / "missing.json")])
+    assert code == 2 and "missing.json: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "segrec" / "1").exists()
+
 
 def test_scann_recall_against_brute_force_on_a_synthetic_index():
     import tensorflow as tf

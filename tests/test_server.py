@@ -1,24 +1,28 @@
 """`segrec serve` in a subprocess on a free localhost port over a tiny export:
 results equal the SavedModel's, bad requests get the right code naming the
-field, hot swap under load, a corrupt version, SIGTERM. Unit tests of the
-batcher, the model manager and the label parser need no server."""
+field, hot swap under load, a corrupt version. A second "drill" server (TLS,
+bearer token, a queue of 1, batches of 1, --fault-delay-ms) holds requests
+inside the model: TLS, RESOURCE_EXHAUSTED when the queue is full, SIGTERM
+drains the request in the model and refuses new ones. Unit tests of the
+adaptive batcher, the model manager and the label parser need no server."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 
+from serving.launch import ServerProcess, free_port, health_status  # noqa: F401  (free_port: test_client imports it)
 from trainer import features as F
 
 TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--segments", "4", "--epochs", "1", "--warmup-epochs", "0",
@@ -58,12 +62,6 @@ def publish(base, src_version: int, version: int) -> None:
     os.rename(tmp, base / "segrec" / str(version))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def item_ids(version_dir: str) -> list:
     return [x.decode() for x in _loaded(version_dir).item_id_table.numpy()]
 
@@ -86,14 +84,15 @@ def _loaded(version_dir):
 
 
 def direct_call(version_dir, batch, k, beta):
-    """The SavedModel's own serving_default on the same users."""
+    """The SavedModel's own serving_default on the same users (k, beta: one for all rows or one per row)."""
     import tensorflow as tf
 
     width = max(1, max(len(h) for _, h in batch))
     hist = [h + [""] * (width - len(h)) for _, h in batch]
     fn = _loaded(version_dir).signatures["serving_default"]
     out = fn(user_text=tf.constant([t for t, _ in batch]), history_item_ids=tf.constant(hist, tf.string),
-             k=tf.constant(k), beta=tf.constant(beta, tf.float32))
+             k=tf.constant(np.broadcast_to(np.asarray(k, np.int32), [len(batch)])),
+             beta=tf.constant(np.broadcast_to(np.asarray(beta, np.float32), [len(batch)])))
     return {k_: v.numpy() for k_, v in out.items()}
 
 
@@ -107,40 +106,13 @@ def export_dir(tmp_path_factory, tiny_generated):
 def served(export_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("serve_base")
     copy_base(export_dir, base)
-    port, rest_port, metrics_port = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "trainer.cli", "serve", "--model-base-path", str(base), "--port", str(port),
-           "--rest-port", str(rest_port), "--metrics-port", str(metrics_port), "--poll-seconds", "0.3",
-           "--max-batch-size", str(MAX_BATCH), "--version-labels", "stable=1",
-           "--max-string-mb", str(MAX_STRING_MB)]
-    log = open(base / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(__file__)))
-    target = f"127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        assert proc.poll() is None, (base / "serve.log").read_text()[-3000:]
-        if _healthy(target):
-            break
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("segrec serve did not become healthy in 90 s:\n" + (base / "serve.log").read_text()[-3000:])
-    yield {"proc": proc, "target": target, "base": base, "rest": rest_port, "metrics": metrics_port,
-           "export": export_dir, "ids": item_ids(export_dir)}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-    log.close()
-
-
-def _healthy(target) -> bool:
-    import grpc
-
-    with grpc.insecure_channel(target) as ch:
-        check = ch.unary_unary("/grpc.health.v1.Health/Check")
-        try:
-            return check(b"", timeout=1) == b"\x08\x01"
-        except grpc.RpcError:
-            return False
+    server = ServerProcess(base, log_path=base / "serve.log", extra_args=[
+        "--poll-seconds", "0.3", "--max-batch-size", MAX_BATCH, "--version-labels", "stable=1",
+        "--max-string-mb", MAX_STRING_MB])
+    with server:
+        yield {"server": server, "proc": server.proc, "target": server.target, "base": base,
+               "rest": server.rest_port, "metrics": server.metrics_port, "export": export_dir,
+               "ids": item_ids(export_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +140,10 @@ def request(batch, k=5, beta=0.5, signature="serving_default", **spec):
     req.inputs[F.USER_TEXT].CopyFrom(tf.make_tensor_proto(np.array([t for t, _ in batch], dtype=object)))
     req.inputs[F.HISTORY_ITEM_IDS].CopyFrom(tf.make_tensor_proto(
         np.array([h + [""] * (width - len(h)) for _, h in batch], dtype=object)))
-    if signature == "serving_default":
-        req.inputs[F.K].CopyFrom(tf.make_tensor_proto(np.int32(k)))
-        req.inputs[F.BETA].CopyFrom(tf.make_tensor_proto(np.float32(beta)))
+    if signature == "serving_default":  # one k and beta per row, or the same for every row
+        req.inputs[F.K].CopyFrom(tf.make_tensor_proto(np.broadcast_to(np.asarray(k, np.int32), [len(batch)])))
+        req.inputs[F.BETA].CopyFrom(tf.make_tensor_proto(
+            np.broadcast_to(np.asarray(beta, np.float32), [len(batch)])))
     return req
 
 
@@ -216,7 +189,7 @@ def _bad_cases(ids):
         "missing user_text": (edit(lambda r: r.inputs.pop(F.USER_TEXT)), "INVALID_ARGUMENT", "inputs.user_text"),
         "extra input": (edit(set_input("colour", np.array([b"red", b"blue"], dtype=object))),
                         "INVALID_ARGUMENT", "inputs.colour"),
-        "k wrong dtype": (edit(set_input(F.K, np.float32(3))), "INVALID_ARGUMENT", "inputs.k"),
+        "k wrong dtype": (edit(set_input(F.K, np.array([3, 3], np.float32))), "INVALID_ARGUMENT", "inputs.k"),
         "user_text wrong dtype": (edit(set_input(F.USER_TEXT, np.array([1, 2], np.int32))),
                                   "INVALID_ARGUMENT", "inputs.user_text"),
         "user_text wrong rank": (edit(set_input(F.USER_TEXT, np.array([[b"a"], [b"b"]], dtype=object))),
@@ -224,6 +197,13 @@ def _bad_cases(ids):
         "history wrong rank": (edit(set_input(F.HISTORY_ITEM_IDS, np.array([b"a", b"b"], dtype=object))),
                                "INVALID_ARGUMENT", "inputs.history_item_ids"),
         "k = 0": (request(good, k=0), "INVALID_ARGUMENT", "inputs.k"),
+        "k = 0 in row 1": (request(good, k=[5, 0]), "INVALID_ARGUMENT", "inputs.k: 0 (row 1)"),
+        "k scalar": (edit(set_input(F.K, np.int32(3))), "INVALID_ARGUMENT", "inputs.k: a scalar"),
+        "k not one per row": (edit(set_input(F.K, np.array([3, 3, 3], np.int32))), "INVALID_ARGUMENT",
+                              "inputs.k: 3 values for 2 rows"),
+        "beta not one per row": (edit(set_input(F.BETA, np.array([0.5], np.float32))), "INVALID_ARGUMENT",
+                                 "inputs.beta: 1 values for 2 rows"),
+        "beta inf in row 1": (request(good, beta=[0.0, float("inf")]), "INVALID_ARGUMENT", "inputs.beta"),
         "k > k_max": (request(good, k=101), "INVALID_ARGUMENT", "inputs.k"),
         "k huge": (request(good, k=2**31 - 1), "INVALID_ARGUMENT", "inputs.k"),
         "beta nan": (request(good, beta=float("nan")), "INVALID_ARGUMENT", "inputs.beta"),
@@ -350,7 +330,7 @@ def test_rest_equals_grpc(served, stub):
     body = {"signature_name": "serving_default",
             "inputs": {F.USER_TEXT: [t for t, _ in batch], F.HISTORY_ITEM_IDS: [h + [""] * (width - len(h))
                                                                                 for _, h in batch],
-                       F.K: 4, F.BETA: 0.5}}
+                       F.K: [4] * 3, F.BETA: [0.5] * 3}}
     base = f"http://127.0.0.1:{served['rest']}/v1/models/segrec"
     rq = urllib.request.Request(base + ":predict", data=json.dumps(body).encode(), method="POST")
     got = json.loads(urllib.request.urlopen(rq, timeout=10).read())["outputs"]
@@ -358,15 +338,29 @@ def test_rest_equals_grpc(served, stub):
     assert got[F.OUT_ITEM_IDS] == [[x.decode() for x in row] for row in want[F.OUT_ITEM_IDS]]
     np.testing.assert_allclose(np.array(got[F.OUT_SCORES], dtype=np.float64), want[F.OUT_SCORES], atol=1e-6)
     assert got[F.SEGMENT_ID] == want[F.SEGMENT_ID].tolist()
+    # TF Serving's row format: k and beta per instance, histories of any length.
+    ks, betas = [2, 5, 3], [0.0, 0.5, 2.0]
+    instances = [{F.USER_TEXT: t, F.HISTORY_ITEM_IDS: h, F.K: k, F.BETA: b}
+                 for (t, h), k, b in zip(batch, ks, betas)]
+    rq = urllib.request.Request(base + ":predict", data=json.dumps({"instances": instances}).encode(), method="POST")
+    rows = json.loads(urllib.request.urlopen(rq, timeout=10).read())["predictions"]
+    want = outputs(stub.Predict(request(batch, k=ks, beta=betas), timeout=10))
+    assert len(rows) == 3
+    for i, row in enumerate(rows):
+        assert row[F.OUT_ITEM_IDS] == [x.decode() for x in want[F.OUT_ITEM_IDS][i]]
+        assert len([x for x in row[F.OUT_ITEM_IDS] if x]) == ks[i] and row[F.SEGMENT_ID] == want[F.SEGMENT_ID][i]
     status = json.loads(urllib.request.urlopen(base, timeout=10).read())
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
-    bad = urllib.request.Request(base + ":predict", data=b'{"inputs": {"k": 3}}', method="POST")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(bad, timeout=10)
-    assert err.value.code == 400 and "inputs." in json.loads(err.value.read())["error"]
+    for body, field in ((b'{"inputs": {"k": 3}}', "inputs."),
+                        (json.dumps({"inputs": dict(body["inputs"], k=4)}).encode(), "inputs.k: a scalar")):
+        bad = urllib.request.Request(base + ":predict", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(bad, timeout=10)
+        assert err.value.code == 400 and field in json.loads(err.value.read())["error"]
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{served['metrics']}/metrics", timeout=10).read().decode()
     assert 'segrec_requests_total{code="INVALID_ARGUMENT",method="Predict"}' in metrics
     assert "segrec_loaded_version 1.0" in metrics and "segrec_batch_rows_bucket" in metrics
+    assert "segrec_requests_in_model 0.0" in metrics and "segrec_queued_requests 0.0" in metrics
 
 
 @integration
@@ -424,65 +418,282 @@ def test_new_version_under_load_then_a_corrupt_one(served):
         assert client.recommend(*batch[0], k=3, beta=0.5).model_version == 2
 
 
-@integration
-def test_sigterm_drains_in_flight_and_exits_zero(served):
-    from serving.client import RecommenderClient
+# --- the drill server: TLS + token, batches of 1, a queue of 1, 1.5 s inside the model ------------------
+DRILL_TOKEN = "drill-token"
+DRILL_DELAY_MS = 1500
 
-    batch = users(served["ids"], n=1)
-    with RecommenderClient(served["target"], timeout=15, retries=0) as client:
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(client.recommend, *batch[0], k=3, beta=0.5) for _ in range(8)]
-            time.sleep(0.05)
-            served["proc"].send_signal(signal.SIGTERM)
-            done = [f.exception() for f in futures]
-    assert served["proc"].wait(30) == 0
-    # Calls sent before the signal are answered; later ones may be refused, never half-done.
-    assert all(e is None or "UNAVAILABLE" in str(e) for e in done), done
+
+def self_signed_cert(directory) -> tuple:
+    """(cert path, key path, cert PEM bytes) for CN/SAN 127.0.0.1 + localhost, made with the openssl CLI."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return str(cert), str(key), cert.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def drill(export_dir, tmp_path_factory):
+    if not shutil.which("openssl"):
+        pytest.skip("the openssl CLI makes the test certificate")
+    base = tmp_path_factory.mktemp("drill_base")
+    copy_base(export_dir, base)
+    cert, key, ca = self_signed_cert(base)
+    server = ServerProcess(base, rest_port=0, log_path=base / "serve.log", tls_ca=ca, token=DRILL_TOKEN,
+                           env={"SEGREC_DRILL_TOKEN": DRILL_TOKEN}, extra_args=[
+                               "--tls-cert", cert, "--tls-key", key, "--token-env", "SEGREC_DRILL_TOKEN",
+                               "--max-batch-size", 1, "--max-queue", 1, "--fault-delay-ms", DRILL_DELAY_MS,
+                               "--poll-seconds", 30])
+    with server:
+        yield {"server": server, "ca": ca, "ids": item_ids(export_dir), "export": export_dir}
+
+
+def _drill_stub(drill):
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    channel = grpc.secure_channel(drill["server"].target, grpc.ssl_channel_credentials(root_certificates=drill["ca"]))
+    return channel, prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+def _gauge(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+AUTH = (("authorization", f"Bearer {DRILL_TOKEN}"),)
+
+
+@integration
+def test_tls_with_token(drill):
+    from serving.client import RecommendError, RecommenderClient
+
+    user = users(drill["ids"], n=1)[0]
+    want = direct_call(drill["export"], [user], 4, 0.5)
+    with RecommenderClient(drill["server"].target, timeout=20, root_certificates=drill["ca"],
+                           token=DRILL_TOKEN) as client:
+        rec = client.recommend(*user, k=4, beta=0.5)
+    assert [i.item_id for i in rec.items] == [x.decode() for x in want[F.OUT_ITEM_IDS][0] if x]
+    # Plaintext to the TLS port fails to connect; TLS without the token is refused.
+    with RecommenderClient(drill["server"].target, timeout=5, retries=0, token=DRILL_TOKEN) as plain:
+        with pytest.raises(RecommendError) as err:
+            plain.recommend(*user, k=4, beta=0.5)
+    assert err.value.code.name == "UNAVAILABLE"
+    with RecommenderClient(drill["server"].target, timeout=5, retries=0, root_certificates=drill["ca"]) as anon:
+        with pytest.raises(RecommendError) as err:
+            anon.recommend(*user, k=4, beta=0.5)
+    assert err.value.code.name == "UNAUTHENTICATED"
+
+
+@integration
+def test_full_queue_is_resource_exhausted_over_grpc(drill):
+    """One request held in the model, one queued: a burst sent meanwhile gets
+    RESOURCE_EXHAUSTED (never INTERNAL), and the server serves afterwards."""
+    server = drill["server"]
+    channel, stub = _drill_stub(drill)
+    with channel:
+        req = request(users(drill["ids"], n=1), k=3)
+        first = stub.Predict.future(req, timeout=60, metadata=AUTH)
+        _wait_for(lambda: _gauge(server, "segrec_requests_in_model") >= 1, "a request inside the model")
+        queued = stub.Predict.future(req, timeout=60, metadata=AUTH)
+        _wait_for(lambda: _gauge(server, "segrec_queued_requests") >= 1 or queued.done(), "a queued request")
+        burst = [stub.Predict.future(req, timeout=60, metadata=AUTH) for _ in range(6)]
+        codes = [_code(f) for f in [first, queued] + burst]
+        assert codes[:2] == ["OK", "OK"], codes
+        assert "RESOURCE_EXHAUSTED" in codes[2:] and set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert _code(stub.Predict.future(req, timeout=60, metadata=AUTH)) == "OK"
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert 'segrec_requests_total{code="RESOURCE_EXHAUSTED",method="Predict"}' in text
+
+
+def _code(future) -> str:
+    import grpc
+
+    try:
+        future.result()
+        return "OK"
+    except grpc.RpcError as err:
+        return err.code().name
+
+
+@integration
+def test_sigterm_answers_the_request_in_the_model_refuses_new_ones_and_exits_zero(drill):
+    """Runs last on the drill server (it stops it)."""
+    import grpc
+
+    server = drill["server"]
+    channel, stub = _drill_stub(drill)
+    with channel:
+        req = request(users(drill["ids"], n=1), k=3)
+        inside = stub.Predict.future(req, timeout=60, metadata=AUTH)
+        _wait_for(lambda: _gauge(server, "segrec_requests_in_model") >= 1, "a request inside the model")
+        server.proc.send_signal(signal.SIGTERM)
+        # Draining: health is no longer SERVING, the request is still inside the model ...
+        _wait_for(lambda: not health_status(server.target, tls_ca=drill["ca"]), "health to leave SERVING")
+        assert _gauge(server, "segrec_requests_in_model") == 1 and not inside.done()
+        # ... a new request is refused, and the one inside is answered in full.
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(req, timeout=20, metadata=AUTH)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        response = inside.result()
+    assert outputs(response)[F.OUT_ITEM_IDS].shape == (1, 3)
+    assert server.proc.wait(30) == 0
+    assert "segrec serve: stopped" in server.log_tail()
 
 
 # --- unit tests (no server) -----------------------------------------------------------------------
-def test_batcher_merges_pads_history_and_splits():
+class _Gate:
+    """A fake model call that blocks while `closed` and logs every call's inputs."""
+
+    def __init__(self, closed=True):
+        self.opened = threading.Event()
+        if not closed:
+            self.opened.set()
+        self.calls = []
+
+    def __call__(self, loaded, signature, inputs):
+        self.calls.append({k: v.copy() for k, v in inputs.items()})
+        assert self.opened.wait(30), "the gate was never opened"
+        hist = inputs[F.HISTORY_ITEM_IDS]
+        k = inputs.get(F.K, np.ones(len(hist), np.int32))
+        cols = int(np.max(k))
+        ids = np.array([[f"{row}:{c}" if c < k[row] else "" for c in range(cols)] for row in range(len(hist))],
+                       dtype=object)
+        return {F.OUT_ITEM_IDS: ids, "n": np.array([sum(1 for x in r if x) for r in hist])}
+
+
+def _task(rows=1, width=1, k=3, tag=b"x"):
+    return {F.USER_TEXT: np.array([tag] * rows, dtype=object),
+            F.HISTORY_ITEM_IDS: np.array([[b"h"] * width] * rows, dtype=object),
+            F.K: np.full(rows, k, np.int32), F.BETA: np.zeros(rows, np.float32)}
+
+
+def _until(condition, what):
+    _wait_for(condition, what, timeout=10)
+
+
+def test_batcher_runs_a_lone_request_at_once():
+    """Idle model: a lone request runs at once, not after the (2 s) batch timeout."""
     from serving import batching
 
-    calls = []
+    for threads in (1, 2):
+        gate = _Gate(closed=False)
+        b = batching.Batcher(gate, max_batch_size=8, timeout_s=2.0, max_queue=4, num_threads=threads)
+        start = time.monotonic()
+        assert b.submit("v1", "sig", _task()).result(10)["n"].tolist() == [1]
+        assert time.monotonic() - start < 1.0  # generous: far below the 2 s timeout
+        b.stop()
 
-    def run(loaded, signature, inputs):
-        calls.append({k: v.copy() for k, v in inputs.items()})
-        return {"n": np.array([sum(1 for x in row if x) for row in inputs[F.HISTORY_ITEM_IDS]])}
 
-    b = batching.Batcher(run, max_batch_size=8, timeout_s=0.2, max_queue=10)
-    k = np.int32(3)
-    futs = [b.submit("v1", "sig", {F.USER_TEXT: np.array([b"a"] * r, dtype=object),
-                                   F.HISTORY_ITEM_IDS: np.array([[b"x"] * w] * r, dtype=object), F.K: k})
-            for r, w in ((1, 1), (2, 3), (1, 2))]
-    # 1 + 2 + 1 rows with histories of widths 1, 3, 2: one call, padded to width 3.
-    assert [f.result(5)["n"].tolist() for f in futs] == [[1], [3, 3], [2]]
-    assert len(calls) == 1 and calls[0][F.HISTORY_ITEM_IDS].shape == (4, 3)
-    # A different k cannot share the call.
-    f1 = b.submit("v1", "sig", {F.HISTORY_ITEM_IDS: np.array([[b"x"]], dtype=object), F.K: np.int32(1)})
-    f2 = b.submit("v1", "sig", {F.HISTORY_ITEM_IDS: np.array([[b"x"]], dtype=object), F.K: np.int32(2)})
-    f1.result(5), f2.result(5)
-    assert len(calls) == 3
+def test_batcher_merges_what_arrives_while_the_model_is_busy():
+    """Requests that arrive during a call go together into the next one: history
+    padded with "", different k / beta merged, each answer cut to its own k."""
+    from serving import batching
+
+    gate = _Gate()
+    b = batching.Batcher(gate, max_batch_size=8, timeout_s=0.0, max_queue=10)
+    first = b.submit("v1", "sig", _task())
+    _until(lambda: b.executing() == 1, "the first call")
+    futs = [b.submit("v1", "sig", _task(rows, width, k)) for rows, width, k in ((1, 1, 2), (2, 3, 5), (1, 2, 1))]
+    assert b.queued() == 3  # the model is busy: they wait, whatever the timeout
+    gate.opened.set()
+    first.result(10)
+    got = [f.result(10) for f in futs]
+    assert [len(c[F.USER_TEXT]) for c in gate.calls] == [1, 4]  # 1 alone, then 1 + 2 + 1 rows in one call
+    merged = gate.calls[1]
+    assert merged[F.HISTORY_ITEM_IDS].shape == (4, 3) and merged[F.K].tolist() == [2, 5, 5, 1]
+    assert merged[F.HISTORY_ITEM_IDS][0].tolist() == [b"h", b"", b""]
+    assert [g["n"].tolist() for g in got] == [[1], [3, 3], [2]]
+    # Rows split back, item columns cut to each request's own max(k).
+    assert [g[F.OUT_ITEM_IDS].shape for g in got] == [(1, 2), (2, 5), (1, 1)]
+    assert got[1][F.OUT_ITEM_IDS][1].tolist() == [f"2:{c}" for c in range(5)]
+    # Other versions or signatures never share a call.
+    gate.calls.clear()
+    gate.opened.clear()
+    hold = b.submit("v1", "sig", _task())
+    _until(lambda: b.executing() == 1, "the holding call")
+    others = [b.submit(v, s, _task()) for v, s in (("v1", "sig"), ("v2", "sig"), ("v1", "other"), ("v1", "sig"))]
+    gate.opened.set()
+    hold.result(10), [f.result(10) for f in others]
+    assert sorted(len(c[F.USER_TEXT]) for c in gate.calls) == [1, 1, 1, 2]
     b.stop()
 
 
-def test_batcher_queue_is_bounded():
+def test_batcher_with_two_threads_fills_or_times_out_while_busy():
+    """Model busy on one thread: the free thread runs a batch once it is full, or
+    once the oldest request has waited the timeout."""
     from serving import batching
 
-    release = threading.Event()
+    gate = _Gate()
+    b = batching.Batcher(gate, max_batch_size=3, timeout_s=60.0, max_queue=10, num_threads=2)
+    hold = b.submit("v1", "sig", _task(tag=b"hold"))
+    _until(lambda: b.executing() == 1, "the holding call")
+    full = [b.submit("v1", "sig", _task()) for _ in range(3)]  # 3 rows = max_batch_size: runs now
+    _until(lambda: b.executing() == 2, "the full batch on the second thread")
+    assert len(gate.calls) == 2 and len(gate.calls[1][F.USER_TEXT]) == 3
+    gate.opened.set()
+    hold.result(10), [f.result(10) for f in full]
+    b.stop()
+
+    gate = _Gate()
+    b = batching.Batcher(gate, max_batch_size=8, timeout_s=0.2, max_queue=10, num_threads=2)
+    hold = b.submit("v1", "sig", _task(tag=b"hold"))
+    _until(lambda: b.executing() == 1, "the holding call")
+    lone = b.submit("v1", "sig", _task())
+    # Not full, model busy: it runs after its 0.2 s timeout, while the first call still holds the gate.
+    _until(lambda: b.executing() == 2, "the timed-out batch on the second thread")
+    assert not hold.done() and len(gate.calls[1][F.USER_TEXT]) == 1
+    gate.opened.set()
+    hold.result(10), lone.result(10)
+    b.stop()
+
+
+def test_batcher_queue_is_bounded_and_stop_answers_the_queued():
+    from serving import batching
+
+    gate = _Gate()
+    b = batching.Batcher(gate, max_batch_size=1, timeout_s=0.0, max_queue=2)
+    futs = [b.submit("v", "s", _task(tag=b"0"))]
+    _until(lambda: b.executing() == 1, "the first call")  # the worker holds it: the queue is empty
+    futs += [b.submit("v", "s", _task(tag=t)) for t in (b"1", b"2")]
+    with pytest.raises(batching.QueueFull, match="queue is full"):
+        b.submit("v", "s", _task(tag=b"3"))
+    gate.opened.set()
+    b.stop()  # answers what was queued, then refuses new work
+    assert [f.result(10)["n"].tolist() for f in futs] == [[1], [1], [1]]
+    assert [c[F.USER_TEXT].tolist() for c in gate.calls] == [[b"0"], [b"1"], [b"2"]]
+    with pytest.raises(batching.ShuttingDown):
+        b.submit("v", "s", _task())
+
+
+def test_batcher_retries_a_failed_merged_call_one_by_one():
+    from serving import batching
+
+    gate = _Gate()
 
     def run(loaded, signature, inputs):
-        release.wait(10)
-        return {"y": inputs["x"]}
+        out = gate(loaded, signature, inputs)
+        if b"bad" in inputs[F.USER_TEXT].tolist():
+            raise ValueError("bad row")
+        return out
 
-    b = batching.Batcher(run, max_batch_size=1, timeout_s=0.0, max_queue=2)
-    futs = [b.submit("v", "s", {"x": np.array([i])}) for i in range(1)]
-    time.sleep(0.2)  # the worker holds the first task
-    futs += [b.submit("v", "s", {"x": np.array([i])}) for i in range(2)]
-    with pytest.raises(batching.QueueFull):
-        b.submit("v", "s", {"x": np.array([9])})
-    release.set()
-    assert [f.result(5)["y"].tolist() for f in futs] == [[0], [0], [1]]
+    b = batching.Batcher(run, max_batch_size=8, timeout_s=0.0, max_queue=10)
+    hold = b.submit("v", "s", _task())
+    _until(lambda: b.executing() == 1, "the first call")
+    good, bad_one = b.submit("v", "s", _task()), b.submit("v", "s", _task(tag=b"bad"))
+    gate.opened.set()
+    hold.result(10)
+    assert good.result(10)["n"].tolist() == [1]
+    with pytest.raises(ValueError, match="bad row"):
+        bad_one.result(10)
+    assert [len(c[F.USER_TEXT]) for c in gate.calls] == [1, 2, 1, 1]
     b.stop()
 
 

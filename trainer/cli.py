@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_commands() -> None:
     # Importing the adapter modules registers their commands.
     from trainer import cli_data, cli_demo, cli_model  # noqa: F401
-    from trainer import cli_vertex  # noqa: F401
-    from serving import cli_serving  # noqa: F401
+    from trainer import cli_vertex, cli_score, cli_segments  # noqa: F401
+    from serving import cli_serving, cli_frontend  # noqa: F401
 
 
 def setup_logging(verbose: bool) -> None:

@@ -16,6 +16,8 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--encoder", default="minilm", help="minilm (pretrained, default) or tiny (fast, for a quick look)")
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--index", default="scann", choices=("scann", "brute_force"),
+                   help="the exported item index (default scann; brute_force runs on stock TF Serving)")
 
 
 @command("demo", "Run the main job end to end: generate -> preprocess -> ... on the embedded data.", beam=True)(_add_demo_args)
@@ -23,7 +25,7 @@ def run_demo(args: argparse.Namespace, beam_args) -> int:
     from trainer import demo
 
     config = demo.DemoConfig(output_dir=args.output_dir, data=args.data, data_dir=args.data_dir,
-                             size=args.size, seed=args.seed, encoder=args.encoder, epochs=args.epochs,
+                             size=args.size, seed=args.seed, encoder=args.encoder, epochs=args.epochs, index=args.index,
                              beam_args=tuple(beam_args))
     try:
         demo.run(config)

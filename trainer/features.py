@@ -29,11 +29,11 @@ ITEM_CATEGORIES = "categories"  # bytes list
 ITEM_FEATURES = (ITEM_ID, ITEM_TITLE, ITEM_TEXT, ITEM_CATEGORIES)
 
 # --- Model / serving inputs and outputs -------------------------------------
-K = "k"  # int32 scalar, number of results (request-time knob)
-BETA = "beta"  # float32 scalar, segment pull of the query (request-time knob)
+K = "k"  # int32 [B], results per row (request-time knob; batchable)
+BETA = "beta"  # float32 [B], segment pull of each query (request-time knob; batchable)
 EXAMPLES = "examples"  # serialized tf.Example, serving_tf_example input
-OUT_ITEM_IDS = "item_ids"  # [B, k] string
-OUT_SCORES = "scores"  # [B, k] float32
+OUT_ITEM_IDS = "item_ids"  # [B, max(k)] string
+OUT_SCORES = "scores"  # [B, max(k)] float32
 EMBEDDING = "embedding"  # [B, d] float32
 SEGMENT_ID = "segment_id"  # [B] int32
 SEGMENT_PROBS = "segment_probs"  # [B, K] float32

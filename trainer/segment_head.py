@@ -113,13 +113,18 @@ class SegmentHead(keras.layers.Layer):
     def query(self, u: tf.Tensor, beta, cold: Optional[tf.Tensor] = None) -> tf.Tensor:
         """Segment-aware query [B, d]: normalise(u + beta * c_segment(u)).
 
+        beta: a scalar, [B] (one per row) or [B, 1].
+
         Rows where `cold` [B] bool is True (no history) get their segment's
         centroid instead.
         """
         u = tf.cast(u, tf.float32)
         _, seg = self(u)
         c = tf.gather(self.centroids, seg)
-        q = tf.math.l2_normalize(u + tf.cast(beta, tf.float32) * c, axis=-1)
+        beta = tf.cast(beta, tf.float32)
+        if beta.shape.rank == 1:  # one beta per row: [B] -> [B, 1]
+            beta = beta[:, None]
+        q = tf.math.l2_normalize(u + beta * c, axis=-1)
         if cold is not None:
             q = tf.where(tf.reshape(cold, [-1, 1]), c, q)
         return q

@@ -1,0 +1,566 @@
+"""`segrec score`: batch recommendations and segment assignments (Apache Beam RunInference).
+
+    raw sources --ReadSource--> records --BuildUserQueries--> UserQuery per user
+    (or) dataset dir --QueriesFromDataset-----------------/        \\--> dead letters
+    UserQuery --RunSegRec(serving_default, k, beta)--> --ToRecord--> one record per user
+    recommendations-*.jsonl / -*.parquet / BigQuery   dead_letter/*.jsonl   stats.json
+
+Where the queries come from:
+- raw input (the readers and source flags of `segrec preprocess`): each
+  user's query as of `as_of` (default: after their last event, i.e. now),
+  built by inference.BuildUserQueries with preprocess's own query code.
+- a dataset dir (what preprocess wrote): it holds no raw interactions, so
+  the queries are the newest ones preprocess built: per user, the eval
+  example with the latest timestamp (its history is the whole training
+  period), else the latest training example. Their features ARE the
+  model's eval queries, byte for byte; the user's held-out events are not
+  in them (score raw input for "as of now").
+
+One output record per scored user: user_id, segment_id, segment_label (from
+the segments.json beside the model), items and scores (top-k, best first,
+unfillable slots dropped) and model_version. stats.json checks users in =
+scored + dead-lettered and records written = scored. `build_pipeline` is
+pure; `run` decides nothing but options (DirectRunner by default, single or
+multi-process; Dataflow by flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import posixpath
+import re
+import time
+from typing import Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_pipelines import examples as ex
+from beam_pipelines import inference as inf
+from beam_pipelines import outputs, preprocess, readers, records
+from beam_pipelines import transforms as T
+from trainer import features
+
+NAMESPACE = "segrec.score"
+_LOG = logging.getLogger(NAMESPACE)
+
+JSONL = "jsonl"
+PARQUET = "parquet"
+FORMATS = (JSONL, PARQUET)
+RECORDS_PREFIX = "recommendations"
+COUNTS_FILE = "_counts.json"
+EXAMPLES_SOURCE = "examples"  # dead-letter source of unreadable dataset examples
+BAD_EXAMPLE = "bad_example"
+PROGRESS_EVERY = 1_000
+_BQ_TABLE = re.compile(r"^[\w.-]+:\w+\.[\w$-]+$")
+
+# Output record fields (also the Parquet and BigQuery schemas).
+USER_ID = features.USER_ID
+SEGMENT_ID = features.SEGMENT_ID
+SEGMENT_LABEL = "segment_label"
+ITEMS = "items"
+SCORES = "scores"
+MODEL_VERSION = "model_version"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of one `segrec score` run (built by the CLI adapter).
+
+    Exactly one of dataset_dir / sources. k, beta: None = the export's
+    defaults (its model card). formats: file sinks under output_dir (may be
+    empty when bigquery_table is set). as_of, window_seconds, cold_users,
+    policy, min_rating: how raw input becomes queries (BuildUserQueries);
+    policy None = the max_history / text_history the model was trained with
+    (training_policy), so scored queries look like its training queries.
+    """
+
+    model_dir: str
+    output_dir: str
+    dataset_dir: Optional[str] = None
+    sources: tuple = ()  # tuple[readers.SourceSpec, ...]
+    source_name: str = "generic"
+    policy: Optional[ex.ExamplePolicy] = None
+    min_rating: Optional[float] = None
+    as_of: Optional[int] = None
+    window_seconds: Optional[int] = None
+    cold_users: bool = False
+    k: Optional[int] = None
+    beta: Optional[float] = None
+    min_batch_size: Optional[int] = None
+    max_batch_size: Optional[int] = 256
+    formats: tuple = (JSONL,)
+    bigquery_table: Optional[str] = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if bool(self.dataset_dir) == bool(self.sources):
+            raise ValueError("score needs either --dataset-dir or raw input (--input-dir / --interactions + --items), not both")
+        if self.sources:
+            kinds = [s.kind for s in self.sources]
+            if records.INTERACTIONS not in kinds or records.ITEMS not in kinds:
+                raise ValueError("raw input needs an interactions source and an items source")
+        elif self.as_of is not None or self.window_seconds is not None or self.cold_users:
+            raise ValueError("--as-of, --window-days and --cold-users apply to raw input, not --dataset-dir")
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown:
+            raise ValueError(f"--format must be among {FORMATS}, got {sorted(unknown)}")
+        if not self.formats and not self.bigquery_table:
+            raise ValueError("nothing to write: give --format jsonl/parquet and/or --bigquery-table")
+        if self.bigquery_table and not _BQ_TABLE.match(self.bigquery_table):
+            raise ValueError(f"--bigquery-table {self.bigquery_table!r}: expected PROJECT:DATASET.TABLE")
+        for name in ("min_batch_size", "max_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.min_batch_size and self.max_batch_size and self.min_batch_size > self.max_batch_size:
+            raise ValueError(f"--min-batch-size {self.min_batch_size} > --max-batch-size {self.max_batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline needs to know of the export, resolved on the driver."""
+
+    version_dir: str
+    version: int
+    k: int
+    beta: float
+    labels: tuple  # segment id -> label (empty when the export has no segments.json)
+    policy: ex.ExamplePolicy = ex.ExamplePolicy()  # the query policy raw input is built with
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSummary:
+    output_dir: str
+    stats: dict
+    files: dict  # logical name -> list of paths
+    seconds: float
+
+
+def resolve_model(config: ScoreConfig) -> ModelInfo:
+    """The version to load and its k / beta / labels; a clear error for bad knobs."""
+    from trainer import segment_profiles
+
+    version_dir = inf.resolve_version_dir(config.model_dir)
+    defaults = inf.export_defaults(version_dir)
+    k = config.k if config.k is not None else defaults.get("k")
+    beta = config.beta if config.beta is not None else defaults.get("beta")
+    if k is None or beta is None:
+        raise records.InputError(f"{version_dir}: the model card records no default k/beta; pass --k and --beta")
+    k_max = defaults.get("k_max")
+    if not 1 <= k <= (k_max or k):
+        raise ValueError(f"--k must be in [1, {k_max}] (the export's k_max), got {k}")
+    if beta != beta or beta in (float("inf"), float("-inf")):
+        raise ValueError(f"--beta must be finite, got {beta}")
+    segments = inf.read_segments(version_dir)
+    labels = tuple(segment_profiles.labels_of(segments)) if segments else ()
+    if not segments:
+        _LOG.warning("%s has no segments.json: segment_label will be empty", version_dir)
+    policy = config.policy or training_policy(version_dir)
+    return ModelInfo(version_dir, inf.model_version(version_dir), int(k), float(beta), labels, policy)
+
+
+_TRAINING_DATA = re.compile(r"Training data: `([^`]+)`")
+
+
+def training_policy(version_dir: str) -> ex.ExamplePolicy:
+    """max_history / text_history of the dataset the export was trained on (its model card
+    names the dataset dir, whose metadata.json records them); the defaults when unreadable."""
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(FileSystems.join(version_dir, "model_card.md")) as f:
+            dataset_dir = _TRAINING_DATA.search(f.read()).group(1)
+        with tf.io.gfile.GFile(FileSystems.join(dataset_dir, features.METADATA_FILE)) as f:
+            split = json.load(f)["split"]
+        policy = ex.ExamplePolicy(max_history=int(split["max_history"]), text_history=int(split["text_history"]))
+    except Exception as err:  # no card, dataset moved, older metadata: fall back, say so
+        _LOG.warning("cannot read the training data's query policy (%s); using max_history=%d, text_history=%d "
+                     "(pass --max-history/--text-history to match training)", err, features.MAX_HISTORY,
+                     features.TEXT_HISTORY)
+        return ex.ExamplePolicy()
+    _LOG.info("queries as in training: max_history=%d, text_history=%d (from %s)", policy.max_history,
+              policy.text_history, dataset_dir)
+    return policy
+
+
+# --- queries from a dataset dir ----------------------------------------------------------------
+
+
+class ParseExample(beam.DoFn):
+    """Serialized query/positive tf.Example -> (user_id, (rank, timestamp, item_id, text, history)).
+
+    rank 1 = eval, 0 = train: a user's newest eval query wins over any train
+    query. Unreadable examples -> DEAD (they name no user).
+    """
+
+    def __init__(self, split: str):
+        self._split = split
+        self._rank = 1 if split == ex.EVAL else 0
+
+    def process(self, raw: bytes):
+        import tensorflow as tf
+
+        try:
+            feats = tf.train.Example.FromString(raw).features.feature
+
+            def strings(name):
+                return [v.decode("utf-8") for v in feats[name].bytes_list.value]
+
+            user = strings(features.USER_ID)
+            if not user or not user[0]:
+                raise ValueError("no user_id")
+            text = strings(features.USER_TEXT)
+            ts = list(feats[features.TIMESTAMP].int64_list.value)
+            item = strings(features.ITEM_ID)
+            value = (self._rank, ts[0] if ts else 0, item[0] if item else "", text[0] if text else "",
+                     tuple(strings(features.HISTORY_ITEM_IDS)))
+        except Exception as err:  # a corrupt record or one from another schema
+            Metrics.counter(NAMESPACE, f"dead_letter.{BAD_EXAMPLE}").inc()
+            yield beam.pvalue.TaggedOutput(T.DEAD, records.DeadLetter(
+                EXAMPLES_SOURCE, f"{self._split} example", BAD_EXAMPLE, f"not a segrec query example: {err}",
+                records.raw_text(raw[:200])))
+            yield T._count(f"dead.{EXAMPLES_SOURCE}.{BAD_EXAMPLE}")
+            return
+        yield user[0], value
+
+
+def _newest_query(element):
+    user_id, values = element
+    _, _, _, text, history = max(values, key=lambda v: v[:3])
+    return inf.UserQuery(user_id, text, history)
+
+
+class QueriesFromDataset(beam.PTransform):
+    """dataset dir -> {"queries", T.DEAD, T.COUNTS} like BuildUserQueries (see the module doc)."""
+
+    def __init__(self, dataset_dir: str):
+        super().__init__()
+        self._dir = dataset_dir
+
+    def expand(self, pbegin):
+        parsed = []
+        for split, pattern in ((ex.TRAIN, features.TRAIN_PATTERN), (ex.EVAL, features.EVAL_PATTERN)):
+            parsed.append(
+                pbegin
+                | f"Read[{split}]" >> beam.io.ReadFromTFRecord(FileSystems.join(self._dir, pattern))
+                | f"Parse[{split}]" >> beam.ParDo(ParseExample(split)).with_outputs(T.DEAD, T.COUNTS, main="rows")
+            )
+        queries = (
+            [r.rows for r in parsed]
+            | "FlattenRows" >> beam.Flatten()
+            | "GroupByUser" >> beam.GroupByKey()
+            | "Newest" >> beam.Map(_newest_query)
+        )
+        dead = [r[T.DEAD] for r in parsed] | "FlattenDead" >> beam.Flatten()
+        counts = (
+            [r[T.COUNTS] for r in parsed]
+            + [queries | "UsersIn" >> beam.Map(lambda q: ("users.in", 1)),
+               queries | "UsersScored" >> beam.Map(lambda q: ("users.scored", 1)),
+               queries | "UsersCold" >> beam.FlatMap(lambda q: [] if q.history_item_ids else [("users.cold", 1)])]
+        ) | "FlattenCounts" >> beam.Flatten()
+        return {"queries": queries, T.DEAD: dead, T.COUNTS: counts}
+
+
+# --- output records ---------------------------------------------------------------------------
+
+
+class ToRecord(beam.DoFn):
+    """(UserQuery, serving_default outputs) -> the output record (a dict)."""
+
+    def __init__(self, info: ModelInfo):
+        self._info = info
+        self._scored = Metrics.counter(NAMESPACE, "users_scored")
+        self._n = 0
+
+    def process(self, element):
+        query, out = element
+        yield to_record(query, out, self._info)
+        self._scored.inc()
+        self._n += 1
+        if self._n % PROGRESS_EVERY == 0:
+            _LOG.info("scored %d users on this worker", self._n)
+
+
+def to_record(query: inf.UserQuery, out: dict, info: ModelInfo) -> dict:
+    """One user's output record; "" / -inf slots (catalog smaller than k) are dropped."""
+    ids = [str(i) for i in out[features.OUT_ITEM_IDS]]
+    scores = [float(s) for s in out[features.OUT_SCORES]]
+    keep = [j for j, i in enumerate(ids) if i != features.PAD_ITEM_ID]
+    segment = int(out[features.SEGMENT_ID])
+    return {
+        USER_ID: query.user_id,
+        SEGMENT_ID: segment,
+        SEGMENT_LABEL: info.labels[segment] if 0 <= segment < len(info.labels) else None,
+        ITEMS: [ids[j] for j in keep],
+        SCORES: [scores[j] for j in keep],
+        MODEL_VERSION: info.version,
+    }
+
+
+def parquet_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        (USER_ID, pa.string()), (SEGMENT_ID, pa.int32()), (SEGMENT_LABEL, pa.string()),
+        (ITEMS, pa.list_(pa.string())), (SCORES, pa.list_(pa.float32())), (MODEL_VERSION, pa.int64()),
+    ])
+
+
+def bigquery_schema() -> dict:
+    """The BigQuery table schema of the output records (WriteToBigQuery's dict form)."""
+    return {"fields": [
+        {"name": USER_ID, "type": "STRING", "mode": "REQUIRED"},
+        {"name": SEGMENT_ID, "type": "INTEGER", "mode": "REQUIRED"},
+        {"name": SEGMENT_LABEL, "type": "STRING", "mode": "NULLABLE"},
+        {"name": ITEMS, "type": "STRING", "mode": "REPEATED"},
+        {"name": SCORES, "type": "FLOAT", "mode": "REPEATED"},
+        {"name": MODEL_VERSION, "type": "INTEGER", "mode": "REQUIRED"},
+    ]}
+
+
+def bigquery_row(record: dict) -> dict:
+    """An output record as a BigQuery row: JSON types only, every schema field present."""
+    return {
+        USER_ID: str(record[USER_ID]), SEGMENT_ID: int(record[SEGMENT_ID]),
+        SEGMENT_LABEL: None if record[SEGMENT_LABEL] is None else str(record[SEGMENT_LABEL]),
+        ITEMS: [str(i) for i in record[ITEMS]], SCORES: [float(s) for s in record[SCORES]],
+        MODEL_VERSION: int(record[MODEL_VERSION]),
+    }
+
+
+def check_bigquery() -> None:
+    """WriteToBigQuery needs apache-beam[gcp]'s clients; fail before the pipeline starts."""
+    try:
+        import apitools  # noqa: F401
+        from google.cloud import bigquery  # noqa: F401
+    except ImportError as err:
+        raise records.InputError(
+            f"--bigquery-table needs Apache Beam's GCP extras ({err}); install them with "
+            "`pip install 'segrec[gcp]'` (apache-beam[gcp]) or write --format jsonl/parquet instead"
+        ) from None
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+
+def _path(config: ScoreConfig, *parts: str) -> str:
+    return FileSystems.join(config.output_dir, *parts)
+
+
+def read_raw(p: beam.Pipeline, sources: Sequence) -> tuple:
+    """{"interactions", "items", "users"} records, and the row-level dead letters and counts of reading."""
+    pcolls, dead, counts = {}, [], []
+    for kind in (records.INTERACTIONS, records.ITEMS, records.USERS):
+        specs = [s for s in sources if s.kind == kind]
+        if not specs:
+            continue
+        rows, bad, cnt = p | f"Read[{kind}]" >> T.ReadSource(specs)
+        pcolls[kind] = rows
+        dead.append(bad)
+        counts += [cnt, bad | f"DeadKeys[{kind}]" >> beam.Map(lambda d: (f"dead.{d.source}.{d.reason}", 1))]
+    return pcolls, dead, counts
+
+
+def build_pipeline(p: beam.Pipeline, config: ScoreConfig, info: ModelInfo) -> None:
+    """Adds every scoring step to `p`; writes under config.output_dir (and BigQuery)."""
+    dead, counts = [], []
+    if config.dataset_dir:
+        built = p | "QueriesFromDataset" >> QueriesFromDataset(config.dataset_dir)
+    else:
+        pcolls, dead, counts = read_raw(p, config.sources)
+        built = pcolls | "BuildUserQueries" >> inf.BuildUserQueries(
+            info.policy, config.as_of, config.window_seconds, config.cold_users, config.min_rating)
+    dead.append(built[T.DEAD])
+    counts.append(built[T.COUNTS])
+
+    scored = built["queries"] | "RunSegRec" >> inf.RunSegRec(
+        info.version_dir, inf.SERVING_DEFAULT, info.k, info.beta, config.min_batch_size, config.max_batch_size)
+    out = scored | "ToRecord" >> beam.ParDo(ToRecord(info))
+    counts.append(T.count_elements(out, "records.written"))
+
+    if JSONL in config.formats:
+        (out
+         | "RecordJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True))
+         | "WriteJsonl" >> beam.io.WriteToText(_path(config, RECORDS_PREFIX), file_name_suffix=".jsonl"))
+    if PARQUET in config.formats:
+        out | "WriteParquet" >> beam.io.WriteToParquet(
+            _path(config, RECORDS_PREFIX), parquet_schema(), file_name_suffix=".parquet")
+    if config.bigquery_table:
+        from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
+
+        (out
+         | "BigQueryRow" >> beam.Map(bigquery_row)
+         | "WriteBigQuery" >> WriteToBigQuery(
+             config.bigquery_table, schema=bigquery_schema(),
+             create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
+             # Like the file sinks: never add to an existing result unless --overwrite.
+             write_disposition=BigQueryDisposition.WRITE_TRUNCATE if config.overwrite
+             else BigQueryDisposition.WRITE_EMPTY))
+
+    (dead
+     | "FlattenDead" >> beam.Flatten()
+     | "DeadJson" >> beam.Map(lambda d: d.to_json())
+     | "WriteDead" >> beam.io.WriteToText(_path(config, features.DEAD_LETTER_DIR, "dead_letter"), file_name_suffix=".jsonl"))
+    (counts
+     | "FlattenCounts" >> beam.Flatten()
+     | "SumCounts" >> beam.CombinePerKey(sum)
+     | "AllCounts" >> beam.combiners.ToList()
+     | "CountsJson" >> beam.Map(T.counts_json)
+     | "WriteCounts" >> beam.io.WriteToText(_path(config, COUNTS_FILE), num_shards=1, shard_name_template=""))
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+OUTPUT_GLOBS = (RECORDS_PREFIX + "-*", features.DEAD_LETTER_DIR + "/*", features.STATS_FILE, COUNTS_FILE)
+
+
+def prepare_output_dir(config: ScoreConfig) -> None:
+    """Refuses to mix new results with an old run's shards unless --overwrite."""
+    outputs.prepare_output_dir(config.output_dir, OUTPUT_GLOBS, config.overwrite, "scoring results")
+
+
+def check_inputs(config: ScoreConfig) -> None:
+    if config.dataset_dir:
+        for pattern in (features.TRAIN_PATTERN, features.EVAL_PATTERN):
+            if not FileSystems.match([FileSystems.join(config.dataset_dir, pattern)])[0].metadata_list:
+                raise records.InputError(
+                    f"--dataset-dir {config.dataset_dir}: no {pattern} (expected a dataset dir written by "
+                    "`segrec preprocess`)")
+    for spec in config.sources:
+        readers.check_source(spec)
+    if config.bigquery_table:
+        check_bigquery()
+
+
+def compose_stats(counts: dict, config: ScoreConfig, info: ModelInfo) -> dict:
+    """stats.json from the summed counts; `balanced` says every user and record is accounted for."""
+    dead = {}
+    for key, n in counts.items():
+        if key.startswith("dead."):
+            _, source, reason = key.split(".", 2)
+            dead.setdefault(source, {})[reason] = n
+    users_in, scored = counts.get("users.in", 0), counts.get("users.scored", 0)
+    users_dead = sum(dead.get(inf.QUERY_SOURCE, {}).values())
+    written = counts.get("records.written", 0)
+    stats = {
+        "users": {"in": users_in, "scored": scored, "cold": counts.get("users.cold", 0),
+                  "dead_lettered": users_dead, "balanced": users_in == scored + users_dead},
+        "records_written": written,
+        "dead_letter": {s: dict(sorted(r.items())) for s, r in sorted(dead.items())},
+        "model": {"version_dir": info.version_dir, "version": info.version, "signature": inf.SERVING_DEFAULT,
+                  "k": info.k, "beta": info.beta},
+        "input": {"dataset_dir": config.dataset_dir} if config.dataset_dir else {
+            "source": config.source_name, "as_of": config.as_of, "window_seconds": config.window_seconds,
+            "cold_users": config.cold_users, "max_history": info.policy.max_history,
+            "text_history": info.policy.text_history,
+            "inputs": [{"kind": s.kind, "path": s.path, "format": s.format} for s in config.sources]},
+        "outputs": {"formats": list(config.formats), "bigquery_table": config.bigquery_table},
+    }
+    stats["balanced"] = stats["users"]["balanced"] and written == scored
+    if config.sources:
+        rows = preprocess.compose_stats(counts)
+        stats["rows"] = rows["rows"]
+        stats["filtered"] = rows["filtered"]
+        stats["balanced"] = stats["balanced"] and rows["balanced"]
+    return stats
+
+
+def beam_metrics(result) -> tuple:
+    """(counters, distributions) of the segrec.* namespaces of a finished pipeline.
+
+    counters: "namespace/name" -> n. distributions (e.g. RunInference's
+    inference_request_batch_size, inference_batch_latency_micro_secs):
+    "namespace/name" -> {count, sum, min, max, mean}. Both {} when the runner
+    reports no metrics.
+    """
+    try:
+        metrics = result.metrics().query()
+    except Exception:  # some runners (or modes) do not report metrics
+        return {}, {}
+    counters, dists = {}, {}
+    for c in metrics.get("counters", []):
+        if c.key.metric.namespace.startswith("segrec"):
+            name = f"{c.key.metric.namespace}/{c.key.metric.name}"
+            counters[name] = counters.get(name, 0) + int(c.committed if c.committed is not None else c.attempted or 0)
+    for d in metrics.get("distributions", []):
+        value = d.committed if d.committed is not None else d.attempted
+        if not d.key.metric.namespace.startswith("segrec") or value is None or not value.count:
+            continue
+        name = f"{d.key.metric.namespace}/{d.key.metric.name}"
+        agg = dists.setdefault(name, {"count": 0, "sum": 0, "min": value.min, "max": value.max})
+        agg["count"] += value.count
+        agg["sum"] += value.sum
+        agg["min"], agg["max"] = min(agg["min"], value.min), max(agg["max"], value.max)
+    for agg in dists.values():
+        agg["mean"] = round(agg["sum"] / agg["count"], 3)
+    return dict(sorted(counters.items())), dict(sorted(dists.items()))
+
+
+def run(config: ScoreConfig, beam_args: Sequence[str] = ()) -> ScoreSummary:
+    """Checks inputs and model, runs the pipeline, writes stats.json (raises if totals do not balance)."""
+    check_inputs(config)
+    info = resolve_model(config)
+    prepare_output_dir(config)
+    options = PipelineOptions(list(beam_args))
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    runner = options.view_as(StandardOptions).runner
+    source = config.dataset_dir or f"{len(config.sources)} {config.source_name} sources"
+    _LOG.info("score: %s with %s (k=%d, beta=%g, batches %s..%s) -> %s on %s", source, info.version_dir, info.k,
+              info.beta, config.min_batch_size or 1, config.max_batch_size or "auto", config.output_dir, runner)
+    start = time.time()
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, config, info)
+    result = p.run()
+    result.wait_until_finish()
+    seconds = time.time() - start
+
+    counts_path = _path(config, COUNTS_FILE)
+    counts = json.loads(outputs.read_text(counts_path))
+    FileSystems.delete([counts_path])
+    stats = compose_stats(counts, config, info)
+    stats["runner"] = runner
+    stats["seconds"] = round(seconds, 2)
+    stats["beam_counters"], stats["beam_distributions"] = beam_metrics(result)
+    outputs.write_text(_path(config, features.STATS_FILE), json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    if not stats["balanced"]:
+        raise RuntimeError(f"user accounting does not balance (a segrec bug): {json.dumps(stats['users'])}, "
+                           f"records written {stats['records_written']}")
+    return ScoreSummary(config.output_dir, stats, written_files(config.output_dir), seconds)
+
+
+def written_files(output_dir: str) -> dict:
+    groups = {"jsonl": RECORDS_PREFIX + "-*.jsonl", "parquet": RECORDS_PREFIX + "-*.parquet",
+              "dead_letter": features.DEAD_LETTER_DIR + "/*", "stats": features.STATS_FILE}
+    return {name: sorted(m.path for m in FileSystems.match([FileSystems.join(output_dir, pat)])[0].metadata_list)
+            for name, pat in groups.items()}
+
+
+def format_summary(summary: ScoreSummary) -> str:
+    """The human-readable end-of-run summary the CLI prints."""
+    s = summary.stats
+    u, m = s["users"], s["model"]
+    lines = [
+        f"score finished in {summary.seconds:.1f}s -> {summary.output_dir}",
+        f"  model        version {m['version']} ({m['version_dir']}), k={m['k']} beta={m['beta']}",
+        f"  users in {u['in']:,}   scored {u['scored']:,} (cold {u['cold']:,})   dead-lettered {u['dead_lettered']:,}",
+    ]
+    for kind, row in s.get("rows", {}).items():
+        lines.append(f"  {kind:<13} read {row['read']:>9,}  accepted {row['accepted']:>9,}  "
+                     f"dead-lettered {row['dead_lettered']:>7,}  filtered {row['filtered']:>7,}")
+    for source, reasons in s["dead_letter"].items():
+        for reason, n in reasons.items():
+            lines.append(f"      dead-letter {source}.{reason}: {n:,}")
+    lines.append(f"  records written {s['records_written']:,}")
+    if s["outputs"]["bigquery_table"]:
+        lines.append(f"  bigquery     {s['outputs']['bigquery_table']}")
+    for name, paths in summary.files.items():
+        if paths:
+            where = paths[0] if len(paths) == 1 else f"{posixpath.dirname(paths[0])}/ ({len(paths)} files)"
+            lines.append(f"  {name:<12} {where}")
+    return "\n".join(lines)

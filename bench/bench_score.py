@@ -1,0 +1,151 @@
+"""Batch scoring throughput: RunInference batching vs one user at a time, same run.
+
+    python -m bench.bench_score [--users 3000] [--encoders minilm,tiny] [--workers 2] [--max-batch 256]
+
+Generates a synthetic dataset, preprocesses it, trains a small model per
+encoder (the pretrained MiniLM-L6 user tower, frozen, and the tiny random-init
+test encoder) and exports it (brute-force index), then runs `segrec score`
+over the raw input three times on the multi-process DirectRunner:
+RunInference with --max-batch-size 1 (one user per model call, the
+baseline), with --max-batch-size N (Beam's adaptive batch sizes up to N) and
+with --min-batch-size N --max-batch-size N (batches pinned to N). Records
+users scored per second end to end and per second of model calls, and their
+ratios to the baseline, in bench/results/score.md (plus a JSON twin). Every
+run pays the same fixed costs (reading, building queries, one model load per
+worker process). Not a test: nothing asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import tempfile
+import time
+
+import trainer  # noqa: F401
+from beam_pipelines import readers, score, synthetic
+from bench import machine
+from trainer import cli
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def build_model(work: str, users: int, encoder: str, seed: int) -> tuple:
+    """Generated raw input dir, and the exported model's base path."""
+    from serving import export
+
+    raw, ds, run, base = (os.path.join(work, n) for n in ("raw", "ds", "run", "models"))
+    if not os.path.exists(os.path.join(base, "segrec")):
+        synthetic.generate(synthetic.GenerateConfig(output_dir=raw, size="small", num_users=users,
+                                                    num_items=400, num_interactions=users * 8, seed=seed))
+        # Two training cut points per user keep the frozen encoder's text cache small on CPU.
+        assert cli.main(["preprocess", "--input-dir", raw, "--output-dir", ds, "--overwrite",
+                         "--max-examples-per-user", "2"]) == 0
+        assert cli.main(["train", "--dataset-dir", ds, "--output-dir", run, "--encoder", encoder,
+                         "--embedding-dim", "32", "--segments", "6", "--epochs", "1", "--warmup-epochs", "0",
+                         "--batch-size", "128", "--patience", "0", "--quiet"]) == 0
+        export.export(export.ExportConfig(run_dir=run, base_path=base, index="brute_force"))
+    return raw, base
+
+
+def score_once(raw: str, base: str, out: str, max_batch: int, workers: int, min_batch=None) -> dict:
+    sources = readers.generic_sources(os.path.join(raw, "interactions.csv"), os.path.join(raw, "items.csv"),
+                                      os.path.join(raw, "users.csv"))
+    config = score.ScoreConfig(model_dir=base, output_dir=out, sources=tuple(sources), max_batch_size=max_batch,
+                               min_batch_size=min_batch, overwrite=True)
+    beam_args = ["--direct_num_workers", str(workers), "--direct_running_mode", "multi_processing"]
+    start = time.perf_counter()
+    summary = score.run(config, beam_args)
+    seconds = time.perf_counter() - start
+    users = summary.stats["users"]["scored"]
+    dists = summary.stats.get("beam_distributions", {})
+    batch = dists.get("segrec.inference/inference_request_batch_size", {})
+    latency = dists.get("segrec.inference/inference_batch_latency_micro_secs", {})
+    model_s = latency.get("sum", 0) / 1e6  # summed over the worker processes
+    return {"min_batch_size": min_batch, "max_batch_size": max_batch, "seconds": round(seconds, 2), "users": users,
+            "users_per_s": round(users / seconds, 1), "model_k": summary.stats["model"]["k"],
+            "model_calls": batch.get("count"), "mean_batch": batch.get("mean"),
+            "model_call_seconds": round(model_s, 2),
+            "users_per_model_s": round(users / model_s, 1) if model_s else None}
+
+
+ENCODERS = {"minilm": "MiniLM-L6 (pretrained, frozen) user tower", "tiny": "tiny random-init BERT (the test encoder)"}
+
+
+def bench_encoder(args, work: str, encoder: str) -> dict:
+    t0 = time.perf_counter()
+    raw, base = build_model(os.path.join(work, encoder), args.users, encoder, args.seed)
+    print(f"{encoder} model ready in {time.perf_counter() - t0:.0f}s: {base}", flush=True)
+    runs = {}
+    # Beam's BatchElements sizes batches adaptively between min and max (and never across bundles), so
+    # "max N" alone may run smaller batches; "min = max = N" pins the size.
+    n = args.max_batch
+    for name, min_batch, max_batch in (("one at a time", None, 1), (f"batched (adaptive, max {n})", None, n),
+                                       (f"batched (min = max = {n})", n, n)):
+        r = score_once(raw, base, os.path.join(work, encoder, "out"), max_batch, args.workers, min_batch)
+        runs[name] = r
+        print(f"{encoder} {name}: {r['users']:,} users in {r['seconds']:.1f}s = {r['users_per_s']:,.1f} users/s",
+              flush=True)
+    base_e2e, base_model = runs["one at a time"]["users_per_s"], runs["one at a time"]["users_per_model_s"]
+    for r in runs.values():
+        r["ratio_vs_one_at_a_time"] = round(r["users_per_s"] / base_e2e, 3)
+        if base_model and r["users_per_model_s"]:
+            r["model_ratio_vs_one_at_a_time"] = round(r["users_per_model_s"] / base_model, 3)
+    return runs
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--encoders", default="minilm,tiny", help="comma-separated: minilm, tiny (default both)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--work-dir", default=None, help="keep (and reuse) the data and models here")
+    parser.add_argument("--results-dir", default=RESULTS)
+    args = parser.parse_args(argv)
+
+    encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    work = args.work_dir or tempfile.mkdtemp(prefix="segrec-bench-score-")
+    results = {e: bench_encoder(args, work, e) for e in encoders}
+    runner = f"DirectRunner multi_processing, {args.workers} workers"
+    result = {
+        "benchmark": "batch scoring throughput (segrec score, RunInference)",
+        "date": datetime.date.today().isoformat(),
+        "users": args.users, "index": "brute_force", "runner": runner,
+        "machine": machine.describe(), "encoders": {e: ENCODERS.get(e, e) for e in encoders}, "runs": results,
+    }
+    k = next(iter(next(iter(results.values())).values()))["model_k"]
+    lines = [
+        "# Batch scoring throughput (`segrec score`, Beam RunInference)", "",
+        f"{args.users:,} generated users (8 interactions each, 400 items), brute-force index, k = {k}; "
+        f"{runner}; `python -m bench.bench_score --encoders {','.join(encoders)}`, {result['date']}.",
+        machine.markdown(result["machine"]), "",
+        "End to end: seconds of the whole pipeline (read, build queries, one model load per worker, score, "
+        "write). Model calls: RunInference's own batch latency summed over the worker processes "
+        "(its inference_batch_latency_micro_secs), i.e. the user tower + index alone. Ratios are against "
+        "one user per model call (max batch 1) in the same run. The user tower pads every text to the "
+        "encoder's sequence length (128 tokens), so a MiniLM pass costs about the same per user at any batch "
+        "size on CPU: batching removes per-call overhead, which dominates only when the tower is cheap.", "",
+    ]
+    for encoder, runs in results.items():
+        lines += [
+            f"## {ENCODERS.get(encoder, encoder)}", "",
+            "| RunInference batching | model calls | mean batch | end-to-end s | users/s | ratio | "
+            "model-call s | users per model-call s | ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [f"| {k_} | {v['model_calls']} | {v['mean_batch']} | {v['seconds']} | {v['users_per_s']:,.1f} | "
+                  f"{v['ratio_vs_one_at_a_time']:.2f}x | {v['model_call_seconds']} | {v['users_per_model_s']} | "
+                  f"{v.get('model_ratio_vs_one_at_a_time', float('nan')):.2f}x |" for k_, v in runs.items()]
+        lines.append("")
+    machine.write_results(args.results_dir, "score", result, lines)
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

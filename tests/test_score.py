@@ -1,0 +1,368 @@
+"""`segrec score` and beam_pipelines.inference over the tiny export: batched
+RunInference equals the SavedModel's own serving_default per user; queries
+equal preprocess's; bad users go to the dead letter and totals balance; the
+CLI writes JSONL and Parquet; multi-process DirectRunner gives the same."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import glob
+import importlib.util
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_pipelines import examples as ex
+from beam_pipelines import inference as inf
+from beam_pipelines import readers, records, score
+from beam_pipelines import transforms as T
+from trainer import cli
+from trainer import features as F
+from test_server import build_tiny_export
+
+K, BETA = 5, 0.3
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, tiny_generated):
+    return build_tiny_export(tmp_path_factory, tiny_generated)
+
+
+@pytest.fixture(scope="module")
+def base_path(export_dir):
+    return str(pathlib.Path(export_dir).parents[1])
+
+
+def _raw_sources(d) -> list:
+    d = pathlib.Path(d)
+    users = d / "users.csv"
+    return readers.generic_sources(str(d / "interactions.csv"), str(d / "items.csv"),
+                                   str(users) if users.exists() else None)
+
+
+def _records(p, sources) -> dict:
+    out = {}
+    for kind in (records.INTERACTIONS, records.ITEMS, records.USERS):
+        specs = [s for s in sources if s.kind == kind]
+        if specs:
+            out[kind] = (p | f"Read[{kind}]" >> T.ReadSource(specs))[0]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(version_dir):
+    from serving import export
+
+    return export.load_exported(version_dir)
+
+
+def _direct(version_dir, query: inf.UserQuery, k=K, beta=BETA) -> dict:
+    """The SavedModel's serving_default on this one user alone (a batch of 1)."""
+    import tensorflow as tf
+
+    fn = _loaded(version_dir).signatures["serving_default"]
+    hist = list(query.history_item_ids) or [F.PAD_ITEM_ID]
+    out = fn(user_text=tf.constant([query.user_text]), history_item_ids=tf.constant([hist]),
+             k=tf.constant([k], tf.int32), beta=tf.constant([beta], tf.float32))
+    return {name: v.numpy()[0] for name, v in out.items()}
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def test_batch_inputs_pad_history_and_shape_knobs_like_the_signature():
+    import tensorflow as tf
+
+    specs = {F.USER_TEXT: tf.TensorSpec([None], tf.string), F.HISTORY_ITEM_IDS: tf.TensorSpec([None, None], tf.string),
+             F.USER_ID: tf.TensorSpec([None], tf.string), F.K: tf.TensorSpec([None], tf.int32),
+             F.BETA: tf.TensorSpec([], tf.float32)}
+    batch = [inf.UserQuery("u1", "a", ("x", "y", "z")), inf.UserQuery("u2", "b", ())]
+    got = inf.batch_inputs(batch, specs, k=4, beta=0.5)
+    # Padded to the longest history (3) with "".
+    assert got[F.HISTORY_ITEM_IDS].tolist() == [["x", "y", "z"], ["", "", ""]]
+    assert got[F.USER_ID].tolist() == ["u1", "u2"]
+    assert got[F.K].tolist() == [4, 4] and got[F.K].dtype == np.int32  # [B] spec -> one per row
+    assert got[F.BETA].shape == () and got[F.BETA].dtype == np.float32  # scalar spec -> scalar
+    cold = inf.batch_inputs([inf.UserQuery("u", "t")], {F.USER_TEXT: None, F.HISTORY_ITEM_IDS: None})
+    assert cold[F.HISTORY_ITEM_IDS].shape == (1, 1)  # at least one column
+    with pytest.raises(ValueError, match="'k'"):
+        inf.batch_inputs(batch, specs, k=None, beta=0.5)
+
+
+def test_resolve_version_dir(export_dir, base_path, tmp_path):
+    assert inf.resolve_version_dir(export_dir) == export_dir
+    assert inf.resolve_version_dir(base_path) == export_dir
+    assert inf.resolve_version_dir(os.path.join(base_path, "segrec")) == export_dir
+    with pytest.raises(records.InputError, match="segrec export"):
+        inf.resolve_version_dir(str(tmp_path))
+    defaults = inf.export_defaults(export_dir)
+    assert defaults["k"] >= 1 and defaults["k_max"] >= defaults["k"] and np.isfinite(defaults["beta"])
+
+
+def test_bigquery_rows_match_the_schema():
+    record = {"user_id": "u1", "segment_id": np.int32(2), "segment_label": "outdoor", "items": np.array(["a", "b"]),
+              "scores": [np.float32(0.5), 0.25], "model_version": 3}
+    row = score.bigquery_row(record)
+    fields = score.bigquery_schema()["fields"]
+    assert list(row) == [f["name"] for f in fields]
+    assert row == {"user_id": "u1", "segment_id": 2, "segment_label": "outdoor", "items": ["a", "b"],
+                   "scores": [0.5, 0.25], "model_version": 3}
+    assert json.loads(json.dumps(row)) == row  # JSON types only
+    modes = {f["name"]: f["mode"] for f in fields}
+    assert modes["items"] == modes["scores"] == "REPEATED" and modes["segment_label"] == "NULLABLE"
+    assert score.bigquery_row({**record, "segment_label": None})["segment_label"] is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("apitools") is not None, reason="apache-beam[gcp] is installed")
+def test_bigquery_without_gcp_extras_is_a_clear_error(tiny_generated, base_path, tmp_path, capsys):
+    code = cli.main(["score", "--input-dir", str(tiny_generated), "--model-dir", base_path, "--output-dir",
+                     str(tmp_path / "o"), "--bigquery-table", "proj:ds.recs"])
+    assert code == 2
+    assert "segrec[gcp]" in capsys.readouterr().err
+    assert cli.main(["score", "--input-dir", str(tiny_generated), "--model-dir", base_path, "--output-dir",
+                     str(tmp_path / "o"), "--bigquery-table", "not a table"]) == 2
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+
+def test_queries_equal_preprocess_eval_queries(tiny_generated, base_path, tmp_path):
+    """Preprocess (leave-last-1) built each user's eval query from every event but the last;
+    BuildUserQueries over the same input minus each user's last event builds the same query
+    (both come from examples.query_features)."""
+    from trainer import dataset_arrays as da
+
+    rows = list(csv.DictReader(open(tiny_generated / "interactions.csv", encoding="utf-8")))
+    by_user = {}
+    for r in rows:
+        by_user.setdefault(r["user_id"], []).append(r)
+    kept, ties = [], set()
+    for user, events in by_user.items():
+        events.sort(key=lambda r: (int(r["timestamp"]), r["item_id"]))
+        kept += events[:-1]
+        if len(events) > 1 and events[-2]["timestamp"] == events[-1]["timestamp"]:
+            ties.add(user)  # preprocess excludes a same-second event from the eval query; "now" includes it
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_csv(raw / "interactions.csv", list(rows[0]), [list(r.values()) for r in kept])
+    for name in ("items.csv", "users.csv"):
+        (raw / name).write_bytes((tiny_generated / name).read_bytes())
+
+    split = da.load_split(str(pathlib.Path(base_path).parent / "ds"), "eval")  # build_tiny_export's dataset
+    expected = {str(u): (str(t), tuple(h)) for u, t, h in zip(split.user_ids, split.user_texts, split.histories)
+                if str(u) not in ties}
+    assert len(expected) >= 40
+
+    with TestPipeline() as p:
+        built = _records(p, _raw_sources(raw)) | inf.BuildUserQueries()
+        got = (built.queries
+               | beam.Filter(lambda q, keep: q.user_id in keep, keep=set(expected))
+               | beam.Map(lambda q: (q.user_id, (q.user_text, q.history_item_ids))))
+        assert_that(got, equal_to(list(expected.items())))
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def bad_users(tmp_path_factory, tiny_generated):
+    """Real catalog + five users: ok, only unknown items, profile only, only old events, a bad row.
+
+    With as_of=1000 and a 100 s window ([900, 1000)):
+      u_ok       events at 950, 960 (known items)  -> scored, history [i2, i1]
+      u_unknown  events at 950 on items not in the catalog -> unusable_events
+      u_profile  a profile, no interaction          -> no_events (or cold with cold_users)
+      u_old      events at 100 and 1005 only        -> no_events_in_window
+      u_badrow   one good event at 970, one row with a bad timestamp -> scored; the row dead-lettered
+    """
+    d = tmp_path_factory.mktemp("bad_users")
+    items = list(csv.DictReader(open(tiny_generated / "items.csv", encoding="utf-8")))
+    with open(d / "items.csv", "w", encoding="utf-8") as f:
+        f.write(open(tiny_generated / "items.csv", encoding="utf-8").read())
+    i1, i2, i3 = (items[n]["item_id"] for n in range(3))
+    _write_csv(d / "interactions.csv", ["user_id", "item_id", "timestamp"], [
+        ["u_ok", i1, 950], ["u_ok", i2, 960],
+        ["u_unknown", "nope1", 950], ["u_unknown", "nope2", 951],
+        ["u_old", i1, 100], ["u_old", i3, 1005],
+        ["u_badrow", i3, 970], ["u_badrow", i1, "yesterday"],
+    ])
+    _write_csv(d / "users.csv", ["user_id", "age"], [["u_ok", "30"], ["u_profile", "41"]])
+    return d, (i1, i2, i3)
+
+
+def test_bad_users_go_to_the_dead_letter_and_totals_balance(bad_users):
+    d, (i1, i2, i3) = bad_users
+    with TestPipeline() as p:
+        built = _records(p, _raw_sources(d)) | inf.BuildUserQueries(as_of=1000, window_seconds=100)
+        assert_that(built.queries | "Ids" >> beam.Map(lambda q: (q.user_id, q.history_item_ids)),
+                    equal_to([("u_ok", (i2, i1)), ("u_badrow", (i3,))]), label="Queries")
+        users_dead = (built[T.DEAD]
+                      | beam.Filter(lambda d_: d_.source == inf.QUERY_SOURCE)
+                      | beam.Map(lambda d_: (d_.location, d_.reason)))
+        assert_that(users_dead, equal_to([("user u_unknown", inf.UNUSABLE_EVENTS), ("user u_profile", inf.NO_EVENTS),
+                                          ("user u_old", inf.NO_EVENTS_IN_WINDOW)]), label="UserDead")
+        rows_dead = (built[T.DEAD] | "Rows" >> beam.Filter(lambda d_: d_.source != inf.QUERY_SOURCE)
+                     | "RowReasons" >> beam.Map(lambda d_: (d_.source, d_.reason)))
+        # The read step dead-letters the bad timestamp (not counted here); the join the unknown items.
+        assert_that(rows_dead, equal_to([("interactions", "unknown_item")] * 2), label="RowDead")
+        counts = built[T.COUNTS] | beam.CombinePerKey(sum) | beam.Filter(lambda kv: kv[0].startswith("users."))
+        assert_that(counts, equal_to([("users.in", 5), ("users.scored", 2)]), label="Counts")
+
+
+def test_cold_users_are_scored_from_their_profile(bad_users):
+    d, _ = bad_users
+    with TestPipeline() as p:
+        built = _records(p, _raw_sources(d)) | inf.BuildUserQueries(as_of=1000, window_seconds=100, cold_users=True)
+        cold = built.queries | beam.Filter(lambda q: q.user_id == "u_profile")
+        assert_that(cold, equal_to([inf.UserQuery("u_profile", ex.user_text({"age": "41"}, []), ())]))
+
+
+# --- RunInference against the SavedModel ------------------------------------------------------
+
+
+def test_batched_results_equal_per_user_serving_default(tiny_generated, export_dir):
+    def check(results):
+        assert len(results) == 50
+        for query, out in results:
+            want = _direct(export_dir, query)
+            assert list(out[F.OUT_ITEM_IDS]) == [x.decode() for x in want[F.OUT_ITEM_IDS]], query.user_id
+            np.testing.assert_allclose(out[F.OUT_SCORES], want[F.OUT_SCORES], rtol=1e-5, atol=1e-6)
+            assert int(out[F.SEGMENT_ID]) == int(want[F.SEGMENT_ID])
+            np.testing.assert_allclose(out[F.SEGMENT_PROBS], want[F.SEGMENT_PROBS], rtol=1e-5, atol=1e-6)
+        # Histories of different lengths shared batches: padding changed nothing.
+        assert len({len(q.history_item_ids) for q, _ in results}) > 1
+
+    with TestPipeline() as p:
+        built = _records(p, _raw_sources(tiny_generated)) | inf.BuildUserQueries()
+        results = built.queries | inf.RunSegRec(export_dir, k=K, beta=BETA, min_batch_size=8, max_batch_size=16)
+        assert_that(results | beam.combiners.ToList(), lambda got: check(got[0]))
+
+
+def test_user_embedding_signature(export_dir):
+    queries = [inf.UserQuery("a", "user: unknown.", ()), inf.UserQuery("b", "user: age 30.", ("x", "y"))]
+
+    def check(results):
+        assert sorted(q.user_id for q, _ in results) == ["a", "b"]
+        for _, out in results:
+            assert set(out) == {F.EMBEDDING, F.SEGMENT_ID, F.SEGMENT_PROBS}
+            assert out[F.EMBEDDING].shape == (16,) and out[F.SEGMENT_PROBS].shape == (4,)
+            assert abs(float(np.linalg.norm(out[F.EMBEDDING])) - 1.0) < 1e-4  # L2-normalised u
+
+    with TestPipeline() as p:
+        results = p | beam.Create(queries) | inf.RunSegRec(export_dir, signature=inf.USER_EMBEDDING)
+        assert_that(results | beam.combiners.ToList(), lambda got: check(got[0]))
+
+
+# --- the CLI end to end -------------------------------------------------------------------------
+
+
+def _read_jsonl(out) -> dict:
+    rows = {}
+    for path in glob.glob(str(out / "recommendations-*.jsonl")):
+        for line in open(path, encoding="utf-8"):
+            r = json.loads(line)
+            rows[r["user_id"]] = r
+    return rows
+
+
+def test_cli_writes_jsonl_and_parquet_and_refuses_to_overwrite(tiny_generated, base_path, export_dir, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "scores"
+    args = ["score", "--input-dir", str(tiny_generated), "--model-dir", base_path, "--output-dir", str(out),
+            "--k", str(K), "--beta", str(BETA), "--format", "jsonl,parquet", "--max-batch-size", "16"]
+    assert cli.main(args) == 0
+    rows = _read_jsonl(out)
+    assert len(rows) == 50
+    table = pq.read_table(sorted(glob.glob(str(out / "recommendations-*.parquet")))).to_pylist()
+    assert {r["user_id"]: r for r in table}.keys() == rows.keys()
+    segments = json.load(open(os.path.join(export_dir, "segments.json")))
+    labels = {s["id"]: s["label"] for s in segments["segments"]}
+    for r in table:
+        j = rows[r["user_id"]]
+        assert r["items"] == j["items"] and len(j["items"]) == K and r["model_version"] == j["model_version"] == 1
+        np.testing.assert_allclose(r["scores"], j["scores"], rtol=1e-6)
+        assert j["segment_label"] == labels[j["segment_id"]]
+        assert j["scores"] == sorted(j["scores"], reverse=True)
+    stats = json.load(open(out / "stats.json"))
+    assert stats["balanced"] and stats["users"] == {"in": 50, "scored": 50, "cold": 0, "dead_lettered": 0,
+                                                    "balanced": True}
+    assert stats["records_written"] == 50 and stats["model"]["k"] == K
+    assert stats["beam_counters"].get("segrec.score/users_scored") == 50
+    assert cli.main(args) == 2  # refuses to overwrite
+    assert cli.main(args + ["--overwrite"]) == 0
+
+
+def test_cli_dead_letters_bad_users(bad_users, base_path, tmp_path):
+    d, _ = bad_users
+    out = tmp_path / "scores"
+    assert cli.main(["score", "--input-dir", str(d), "--model-dir", base_path, "--output-dir", str(out),
+                     "--as-of", "1000", "--window-days", str(100 / 86400)]) == 0
+    stats = json.load(open(out / "stats.json"))
+    assert stats["users"]["in"] == 5 and stats["users"]["scored"] == 2 and stats["users"]["dead_lettered"] == 3
+    assert stats["dead_letter"]["user_query"] == {"no_events": 1, "no_events_in_window": 1, "unusable_events": 1}
+    assert stats["dead_letter"]["interactions"] == {"bad_timestamp": 1, "unknown_item": 2}
+    assert stats["rows"]["interactions"] == {"read": 8, "accepted": 5, "dead_lettered": 3, "filtered": 0,
+                                             "balanced": True}
+    letters = [json.loads(line) for path in glob.glob(str(out / "dead_letter" / "*.jsonl")) for line in open(path)]
+    by_user = {d_["location"]: d_ for d_ in letters if d_["source"] == "user_query"}
+    assert json.loads(by_user["user u_old"]["raw"])["last_timestamp"] == 1005
+    assert set(_read_jsonl(out)) == {"u_ok", "u_badrow"}
+
+
+def test_cli_scores_a_dataset_dir_from_its_newest_queries(export_dir, base_path, tmp_path):
+    from trainer import dataset_arrays as da
+
+    ds = pathlib.Path(base_path).parent / "ds"  # what build_tiny_export preprocessed
+    out = tmp_path / "scores"
+    assert cli.main(["score", "--dataset-dir", str(ds), "--model-dir", export_dir, "--output-dir", str(out),
+                     "--k", str(K), "--beta", str(BETA)]) == 0
+    rows = _read_jsonl(out)
+    split = da.load_split(str(ds), "eval")
+    assert len(split) and set(str(u) for u in split.user_ids) <= set(rows)
+    user, text, hist = str(split.user_ids[0]), str(split.user_texts[0]), tuple(str(h) for h in split.histories[0])
+    want = _direct(export_dir, inf.UserQuery(user, text, hist))
+    assert rows[user]["items"] == [x.decode() for x in want[F.OUT_ITEM_IDS]]
+    assert rows[user]["segment_id"] == int(want[F.SEGMENT_ID])
+
+
+@pytest.mark.slow
+def test_multi_process_direct_runner_gives_the_same_output(tiny_generated, base_path, tmp_path):
+    outs = {}
+    for name, extra in (("single", []), ("multi", ["--direct_num_workers", "2", "--direct_running_mode",
+                                                   "multi_processing"])):
+        out = tmp_path / name
+        assert cli.main(["score", "--input-dir", str(tiny_generated), "--model-dir", base_path, "--output-dir",
+                         str(out), "--k", str(K), "--beta", str(BETA)] + extra) == 0
+        outs[name] = _read_jsonl(out)
+        assert json.load(open(out / "stats.json"))["balanced"]
+    assert outs["single"].keys() == outs["multi"].keys() and len(outs["single"]) == 50
+    for user, r in outs["single"].items():
+        m = outs["multi"][user]
+        assert (r["items"], r["segment_id"]) == (m["items"], m["segment_id"]), user
+        np.testing.assert_allclose(r["scores"], m["scores"], rtol=1e-5)
+
+
+def test_query_policy_follows_the_training_data(tmp_path, export_dir):
+    ds, version = tmp_path / "ds", tmp_path / "segrec" / "7"
+    ds.mkdir()
+    version.mkdir(parents=True)
+    (ds / "metadata.json").write_text(json.dumps({"split": {"max_history": 3, "text_history": 1}}))
+    (version / "model_card.md").write_text(f"# card\n\n- Training data: `{ds}`\n")
+    assert score.training_policy(str(version)) == ex.ExamplePolicy(max_history=3, text_history=1)
+    (ds / "metadata.json").unlink()
+    assert score.training_policy(str(version)) == ex.ExamplePolicy()  # unreadable -> the defaults
+    # The tiny export names its real dataset dir, preprocessed with the defaults.
+    assert score.training_policy(export_dir) == ex.ExamplePolicy()

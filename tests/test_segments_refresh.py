@@ -1,0 +1,151 @@
+"""`segrec segments refresh` end to end on generated data with planted drift.
+
+A tiny model (tiny encoder, 16-d, 3 segments, seeded) is trained once on
+period 1 of a 240-user, 3-planted-segment data set and exported (about a
+minute on 2 cores). Period 2 comes in two versions from the same seed: one
+where 70% of planted segment 0's users behave like segment 1
+(synthetic.GenerateConfig drift options, truth in drift_truth.csv) and one
+without drift. The refresh compares period 2 (current window) against
+period 1 (previous window). test_server's tiny export is not used: its 50
+users and 6 planted segments are too few per segment to see a move.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from beam_pipelines import synthetic
+from trainer import cli
+
+pytestmark = pytest.mark.slow
+
+DATA = dict(size="small", num_users=240, num_items=120, num_interactions=4800, num_segments=3, seed=5)
+TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--segments", "3", "--epochs", "3", "--warmup-epochs", "1",
+         "--batch-size", "64", "--recall-k", "10", "--quiet"]
+AS_OF = synthetic.START_TIMESTAMP + 2 * synthetic.SPAN_SECONDS  # end of period 2
+WINDOW = ["--as-of", str(AS_OF), "--window-days", "366", "--min-segment-users", "10"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from serving import export as ex
+
+    root = tmp_path_factory.mktemp("refresh")
+    synthetic.generate(synthetic.GenerateConfig(output_dir=str(root / "p1"), **DATA))
+    synthetic.generate(synthetic.GenerateConfig(output_dir=str(root / "drift"), periods=2, drift_share=0.7,
+                                                drift_from=0, drift_to=1, **DATA))
+    synthetic.generate(synthetic.GenerateConfig(output_dir=str(root / "steady"), periods=2, **DATA))
+    # Bad input in the steady copy: a profile without interactions, a row with a bad timestamp.
+    with open(root / "steady" / "users.csv", "a") as f:
+        f.write("u99998,30,female,US,basic,2020\n")
+    with open(root / "steady" / "interactions.csv", "a") as f:
+        f.write("u00001,i00001,not-a-time,3.0,view\n")
+    assert cli.main(["preprocess", "--input-dir", str(root / "p1"), "--output-dir", str(root / "ds")]) == 0
+    assert cli.main(["train", "--dataset-dir", str(root / "ds"), "--output-dir", str(root / "run")] + TRAIN) == 0
+    ex.export(ex.ExportConfig(run_dir=str(root / "run"), base_path=str(root / "models"), index="brute_force"))
+    return root
+
+
+def _refresh(world, data: str, out: str, *extra) -> int:
+    return cli.main(["segments", "refresh", "--input-dir", str(world / data), "--model-dir", str(world / "models"),
+                     "--output-dir", str(world / out)] + WINDOW + list(extra))
+
+
+def _assignments(out_dir) -> pd.DataFrame:
+    files = sorted(glob.glob(str(out_dir / "v1" / "assignments-*.jsonl")))
+    return pd.concat([pd.read_json(f, lines=True, dtype={"user_id": str}) for f in files])
+
+
+def _mode(values) -> int:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def test_planted_drift_is_detected(world):
+    assert _refresh(world, "drift", "ref_drift") == 3  # retraining advised
+    out = world / "ref_drift"
+    drift = json.loads((out / "v1" / "drift.json").read_text())
+    assert drift["retrain_advised"] and drift["verdict"].startswith("DRIFT: retraining advised")
+    assert "DRIFT: retraining advised" in (out / "v1" / "drift.md").read_text()
+
+    truth = pd.read_csv(world / "drift" / synthetic.DRIFT_TRUTH_FILE, dtype={"user_id": str})
+    m = truth.merge(_assignments(out), on="user_id")
+    assert len(m) == 240 and m["previous_segment"].notna().all()
+    # Learned ids of the planted segments: A from the previous window, B from the users who stayed in 1.
+    a = _mode(m.loc[m.segment_before == 0, "previous_segment"])
+    b = _mode(m.loc[(m.segment_before == 1), "segment"])
+    assert a != b
+    movers = m[m.moved == 1]
+    assert len(movers) >= 25
+    moved_as_planted = ((movers.previous_segment == a) & (movers.segment == b)).mean()
+    assert moved_as_planted >= 0.6, moved_as_planted
+    # The migration matrix holds that flow.
+    assert drift["migration"][a][b] >= 0.6 * len(movers)
+    assert drift["sizes_new"][b] > drift["sizes_old"][b]
+    assert drift["psi_total"] > 0.2
+
+
+def test_no_drift_no_flag_and_bad_input_is_counted(world):
+    assert _refresh(world, "steady", "ref_steady", "--format", "jsonl,parquet") == 0
+    out = world / "ref_steady"
+    drift = json.loads((out / "v1" / "drift.json").read_text())
+    assert not drift["retrain_advised"] and drift["verdict"].startswith("no drift")
+    assert drift["moved_share"] < 0.2 and drift["psi_total"] < 0.1
+    mig = np.array(drift["migration"])
+    assert np.trace(mig) >= 0.8 * mig.sum()
+
+    stats = json.loads((out / "v1" / "stats.json").read_text())
+    assert stats["users"]["in"] == 241 and stats["users"]["queries"] == 240
+    assert stats["users"]["dead_letter"] == {"no_events": 1} and stats["users"]["balanced"]
+    assert stats["users"]["left"] == 0 and stats["users"]["entered"] == 0
+    assert stats["rows"]["interactions"]["dead_lettered"] == 1 and stats["balanced"]
+    dead = [json.loads(line) for f in glob.glob(str(out / "v1" / "dead_letter" / "*.jsonl")) for line in open(f)]
+    assert {(d["source"], d["reason"]) for d in dead} >= {("user_query", "no_events"), ("interactions", "bad_timestamp")}
+    parquet = pd.read_parquet(glob.glob(str(out / "v1" / "assignments-*.parquet"))[0])
+    assert len(parquet) == 240 and list(parquet.columns) == ["user_id", "previous_segment", "segment", "similarity"]
+
+    # The new segments: versioned, old one kept, same centroid format as the model's.
+    from trainer import segment_profiles as sp
+
+    new, old = sp.load(str(out / "segments-v1.json")), sp.load(str(out / "segments-v0.json"))
+    assert sp.centroids_of(new).shape == sp.centroids_of(old).shape == (3, 16)
+    assert (out / "segments.json").read_text() == (out / "segments-v1.json").read_text()
+    assert new["refresh"]["version"] == 1 and sum(s["size"] for s in new["segments"]) == 240
+    assert all(s["profiled"] == (s["size"] >= 10) for s in new["segments"])
+
+    # A second refresh chained on the first one's assignments: version 2, nothing moved (same window).
+    code = _refresh(world, "steady", "ref_steady", "--previous", str(out / "segments.json"),
+                    "--previous-assignments", str(out / "v1" / "assignments-*.jsonl"))
+    assert code == 0
+    d2 = json.loads((out / "v2" / "drift.json").read_text())
+    assert d2["users_both"] == 240 and d2["moved_share"] < 0.05
+    assert sp.load(str(out / "segments.json"))["refresh"]["version"] == 2
+    assert (out / "segments-v1.json").exists()
+
+
+def test_report_on_a_refresh(world):
+    from trainer import segments_report as rep
+
+    out = world / "ref_drift"
+    if not (out / "segments.json").exists():
+        pytest.skip("needs test_planted_drift_is_detected's output")
+    paths = rep.write_report(str(out / "segments.json"), str(world / "report"), previous_path=str(out / "segments-v0.json"),
+                             embeddings=str(out / "v1"), compare_methods=True, min_segment_users=10)
+    for key in ("md", "html", "json", "segment_migration", "segment_sizes", "user_embeddings_2d"):
+        assert os.path.getsize(paths[key]) > 0, key
+    md = open(paths["md"]).read()
+    assert "Refresh verdict:** DRIFT" in md and "| agglomerative_ward |" in md and "| dbscan |" in md
+
+
+def test_bad_refresh_inputs(world, capsys):
+    code = cli.main(["segments", "refresh", "--input-dir", str(world / "steady"), "--model-dir", str(world / "nowhere"),
+                     "--output-dir", str(world / "bad")])
+    assert code == 2 and "no exported model there" in capsys.readouterr().err
+    code = _refresh(world, "steady", "bad2", "--previous", str(world / "missing.json"))
+    assert code == 2 and "missing.json" in capsys.readouterr().err

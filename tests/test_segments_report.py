@@ -1,0 +1,100 @@
+"""Tests of trainer.segments_report: every file is written, small segments are hidden everywhere."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import trainer  # noqa: F401
+from trainer import segment_profiles as sp
+from trainer import segments_report as rep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Three blobs: 40 hikers, 30 cooks, 6 gamers; a gamer-only category marks the small one.
+SIZES = (40, 30, 6)
+CATS = ("hiking", "cooking", "arcadegames")
+
+
+def _world(seed=0, sizes=SIZES):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), sizes)
+    centroids = np.eye(3, 8)
+    emb = centroids[labels] + 0.15 * rng.normal(size=(len(labels), 8))
+    users = [f"u{i:03d}" for i in range(len(labels))]
+    items = {f"{c}{j}": (f"{c.title()} thing {j}", (c,)) for c in CATS for j in range(4)}
+    histories = {u: [f"{CATS[s]}{j}" for j in rng.integers(0, 4, 5)] for u, s in zip(users, labels)}
+    attrs = {u: {"age": str(20 + 10 * s + int(rng.integers(0, 5)))} for u, s in zip(users, labels)}
+    inputs = sp.ProfileInputs(user_ids=users, labels=labels, centroids=centroids, histories=histories, attributes=attrs,
+                              item_titles={i: t for i, (t, _) in items.items()},
+                              item_categories={i: c for i, (_, c) in items.items()})
+    # Profiled down to 3 users in segments.json, so only the report's own rule can hide the 6 gamers.
+    return sp.build_profiles(inputs, min_profile_size=3), users, emb, labels
+
+
+def test_report_renders_and_hides_small_segments(tmp_path):
+    doc, users, emb, labels = _world()
+    prev_doc, *_ = _world(seed=1, sizes=(50, 20, 6))
+    sp.save(doc, str(tmp_path / "segments.json"))
+    sp.save(prev_doc, str(tmp_path / "prev.json"))
+    previous = labels.copy()
+    previous[:10] = 1  # 10 hikers were cooks before
+    previous[-1] = -1  # one user is new
+    emb_set = rep.EmbeddingSet(np.array(users), emb, labels, previous)
+    rep.save_embeddings(str(tmp_path / "emb.npz"), emb_set)
+
+    out = tmp_path / "report"
+    paths = rep.write_report(str(tmp_path / "segments.json"), str(out), previous_path=str(tmp_path / "prev.json"),
+                             embeddings=str(tmp_path / "emb.npz"), compare_methods=True, min_segment_users=20)
+    assert set(paths) == {"md", "html", "json", "segment_sizes", "segment_category_heatmap", "segment_migration",
+                          "user_embeddings_2d"}
+    for key, path in paths.items():
+        assert os.path.isfile(path), key
+        if path.endswith(".png"):
+            data = open(path, "rb").read()
+            assert data[:8] == PNG_MAGIC and len(data) > 10_000, key
+
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    labels_by_id = {s["id"]: s["label"] for s in doc["segments"]}
+    assert "hiking" in labels_by_id[0] and "cooking" in labels_by_id[1] and "arcadegames" in labels_by_id[2]
+    js_text = json.dumps(json.loads((out / "report.json").read_text()), ensure_ascii=False)
+    for text in (md, html, js_text):
+        assert labels_by_id[0] in text and labels_by_id[1] in text
+        assert "arcadegames" not in text and "Arcadegames" not in text  # the 6-user segment: nowhere
+    assert "1 small segment hidden" in md
+    # Compare-methods table: ward and dbscan rows with silhouette and ARI.
+    assert "| Method | Clusters | Silhouette | ARI vs learned |" in md
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| agglomerative_ward")
+            or line.startswith("| dbscan")}
+    assert set(rows) == {"agglomerative_ward", "dbscan"}
+    js = json.loads((out / "report.json").read_text())
+    comp = {r["method"]: r for r in js["method_comparison"]}
+    assert comp["agglomerative_ward"]["ari_vs_learned"] == pytest.approx(1.0)  # three clean blobs
+    assert comp["dbscan"]["silhouette"] is not None
+    # Migration: hidden segment folded into one row/col; the 10 cook -> hiker moves are there.
+    mig = js["migration"]
+    assert mig["segments"] == [0, 1, "hidden"]
+    assert mig["counts"][1][0] == 10 and np.sum(mig["counts"]) == len(users) - 1
+    assert "Changes since the previous segments" in md and "Largest migrations" in md
+    # HTML is self-contained: every figure embedded.
+    assert html.count("data:image/png;base64,") == 4 and "<img" in html and "src=\"segment" not in html
+    for png in ("segment_sizes.png", "segment_migration.png", "user_embeddings_2d.png"):
+        assert f"]({png})" in md
+
+
+def test_minimal_report_and_errors(tmp_path):
+    doc, users, emb, labels = _world()
+    sp.save(doc, str(tmp_path / "s.json"))
+    paths = rep.write_report(str(tmp_path / "s.json"), str(tmp_path / "r"), min_segment_users=50)
+    assert set(paths) == {"md", "html", "json"}  # every segment hidden: no figures
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "3 small segments hidden" in md and "hiking" not in md
+    with pytest.raises(ValueError, match="--compare-methods needs --embeddings"):
+        rep.write_report(str(tmp_path / "s.json"), str(tmp_path / "r"), compare_methods=True)
+    np.savez(tmp_path / "bad.npz", vectors=emb)
+    with pytest.raises(ValueError, match="no 'user_ids' array"):
+        rep.load_embeddings(str(tmp_path / "bad.npz"))
+    # An .npz without labels is assigned to the nearest centroid.
+    np.savez(tmp_path / "nolabels.npz", user_ids=np.array(users), embeddings=emb)
+    loaded = rep.load_embeddings(str(tmp_path / "nolabels.npz"), doc)
+    assert (loaded.labels == labels).mean() > 0.95
