@@ -36,7 +36,7 @@ def run_generate(args: argparse.Namespace, beam_args) -> int:
         num_interactions=args.interactions,
         num_segments=args.segments,
         seed=args.seed,
-        format=args.format,
+        format=args.input_format,
     )
     summary = synthetic.generate(config, progress=True)
     print(format_generate_summary(summary))
@@ -53,8 +53,11 @@ def format_generate_summary(summary) -> str:
     return "\n".join(lines)
 
 
-def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("input")
+def add_raw_input_args(src, format_flag: str = "--format") -> None:
+    """The raw-input flags (sources, layout, column mapping) of every command
+    that reads raw logs: preprocess, score, segments refresh. `format_flag`
+    spells the input-format flag (score and refresh call it --input-format,
+    their --format being the output's); its dest is always `input_format`."""
     src.add_argument("--source", default="generic", choices=SOURCES,
                      help="input layout: generic CSV/JSONL/Parquet, or a MovieLens release (default: generic)")
     src.add_argument("--input-dir", help="generic: a dir holding interactions.*, items.* and optionally users.* "
@@ -62,7 +65,8 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--interactions", help="generic: interactions file (glob allowed)")
     src.add_argument("--items", help="generic: item catalog file")
     src.add_argument("--users", help="generic: user profiles file (optional)")
-    src.add_argument("--format", choices=("csv", "jsonl", "parquet"), help="generic: input format (default: from extension)")
+    src.add_argument(format_flag, dest="input_format", choices=("csv", "jsonl", "parquet"),
+                     help="generic: input format of the raw files (default: from extension)")
     src.add_argument("--map", action="append", default=[], metavar="[KIND.]FIELD=COLUMN",
                      help="generic column mapping, e.g. --map user_id=uid or --map interactions.timestamp=ts (repeatable)")
     src.add_argument("--download", action="store_true",
@@ -70,6 +74,18 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--cache-dir", default=os.path.join("~", ".cache", "segrec"), help="where --download puts archives")
     src.add_argument("--min-timestamp", type=int, help="rows before this epoch second are dead-lettered (default 1)")
     src.add_argument("--max-timestamp", type=int, help="rows after this epoch second are dead-lettered (default 2100-01-01)")
+
+
+def add_query_args(q) -> None:
+    """How a user's events become query features (history length, titles in
+    user_text, implicit positives): shared by preprocess, score and refresh."""
+    q.add_argument("--max-history", type=int, default=None, help="history items kept per query (default 50)")
+    q.add_argument("--text-history", type=int, default=None, help="recent titles in user_text (default 5)")
+    q.add_argument("--min-rating", type=float, help="implicit positives: keep ratings >= this")
+
+
+def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    add_raw_input_args(p.add_argument_group("input"))
 
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", required=True, help="the dataset dir to write (local path or gs://)")
@@ -80,15 +96,25 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--leave-last-n", type=int, default=1, help="eval targets per user (default 1)")
     ex.add_argument("--cutoff", type=int, help="global_cutoff: epoch second where eval starts")
     ex.add_argument("--cutoff-quantile", type=float, help="global_cutoff: put the cutoff at this quantile of time")
-    ex.add_argument("--max-history", type=int, default=None, help="history items kept per example (default 50)")
-    ex.add_argument("--text-history", type=int, default=None, help="recent titles in user_text (default 5)")
+    add_query_args(ex)
     ex.add_argument("--max-examples-per-user", type=int, default=0, help="most recent train cut points per user (0: all)")
     ex.add_argument("--min-history", type=int, default=0, help="skip train targets with fewer history items")
 
     f = p.add_argument_group("filters")
     f.add_argument("--min-user-interactions", type=int, default=1)
     f.add_argument("--min-item-interactions", type=int, default=0)
-    f.add_argument("--min-rating", type=float, help="implicit positives: keep ratings >= this")
+
+
+def parse_formats(entries, allowed) -> tuple:
+    """Repeated / comma-separated --format values -> unique names in order; UserError for unknown ones."""
+    formats = []
+    for entry in entries:
+        for name in filter(None, (x.strip() for x in entry.split(","))):
+            if name not in allowed:
+                raise UserError(f"--format {name!r}: expected one of {tuple(allowed)}")
+            if name not in formats:
+                formats.append(name)
+    return tuple(formats)
 
 
 def parse_column_map(entries) -> dict:
@@ -143,7 +169,7 @@ def build_sources(args: argparse.Namespace) -> list:
             users = users or _find(args.input_dir, "users", False)
         if not interactions or not items:
             raise UserError("generic input needs --input-dir DIR, or --interactions FILE and --items FILE")
-        return readers.generic_sources(interactions, items, users, format=args.format,
+        return readers.generic_sources(interactions, items, users, format=args.input_format,
                                        columns=parse_column_map(args.map), **options)
     if args.map or args.interactions or args.items or args.users:
         raise UserError(f"--map/--interactions/--items/--users apply to --source generic, not {args.source}")

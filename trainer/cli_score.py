@@ -3,46 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import copy
 
 from trainer import cli_data
 from trainer.cli import UserError, command
 
-# The raw-input flags of `segrec preprocess`, taken from its own parser so
-# both commands read raw input the same way. Its --format (the generic input
-# format) becomes --input-format here: score's --format is the output's.
-RAW_INPUT_FLAGS = ("--source", "--input-dir", "--interactions", "--items", "--users", "--format", "--map",
-                   "--download", "--cache-dir", "--min-timestamp", "--max-timestamp")
-QUERY_FLAGS = ("--max-history", "--text-history", "--min-rating")
-RENAMED = {"--format": ("--input-format", "input_format")}
 DAY = 86400
-
-
-def _preprocess_actions(flags) -> list:
-    donor = argparse.ArgumentParser(add_help=False)
-    cli_data._add_preprocess_args(donor)
-    by_flag = {a.option_strings[0]: a for a in donor._actions if a.option_strings}
-    out = []
-    for flag in flags:
-        action = copy.copy(by_flag[flag])
-        if flag in RENAMED:
-            action.option_strings, action.dest = [RENAMED[flag][0]], RENAMED[flag][1]
-            action.help = action.help.replace("input format", "input format of the raw files")
-        out.append(action)
-    return out
 
 
 def _add_score_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("input: a dataset dir, or raw input as `segrec preprocess` reads it")
     src.add_argument("--dataset-dir", help="a dataset dir written by `segrec preprocess`: scores each user's newest "
                      "query in it (eval split, else train)")
-    for action in _preprocess_actions(RAW_INPUT_FLAGS):
-        src._add_action(action)  # argparse has no public API to share an action between parsers
+    cli_data.add_raw_input_args(src, format_flag="--input-format")
 
     q = p.add_argument_group("queries from raw input (as preprocess builds them; max history and text history "
                              "default to the model's training data's)")
-    for action in _preprocess_actions(QUERY_FLAGS):
-        q._add_action(action)
+    cli_data.add_query_args(q)
     q.add_argument("--as-of", type=int, help="epoch second to score as of: later events are ignored "
                    "(default: after the last event)")
     q.add_argument("--window-days", type=float, help="only events in the last N days before --as-of count")
@@ -72,14 +48,7 @@ def _formats(args: argparse.Namespace) -> tuple:
 
     if not args.format:
         return () if args.bigquery_table else (score.JSONL,)
-    formats = []
-    for entry in args.format:
-        for name in filter(None, (x.strip() for x in entry.split(","))):
-            if name not in score.FORMATS:
-                raise UserError(f"--format {name!r}: expected one of {score.FORMATS}")
-            if name not in formats:
-                formats.append(name)
-    return tuple(formats)
+    return cli_data.parse_formats(args.format, score.FORMATS)
 
 
 def _has_raw_input(args: argparse.Namespace) -> bool:
@@ -98,9 +67,7 @@ def score_config(args: argparse.Namespace):
                         "or --interactions FILE --items FILE)")
     sources, policy = (), None  # None: the model's training policy (score.training_policy)
     if raw:
-        ns = copy.copy(args)
-        ns.format = args.input_format  # build_sources reads the preprocess flag names
-        sources = tuple(cli_data.build_sources(ns))
+        sources = tuple(cli_data.build_sources(args))
         if args.max_history is not None or args.text_history is not None:
             base = examples.ExamplePolicy()
             policy = examples.ExamplePolicy(

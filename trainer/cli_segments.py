@@ -11,9 +11,8 @@ when the drift passes a threshold and retraining is advised, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import copy
 
-from trainer import cli_data, cli_score
+from trainer import cli_data
 from trainer.cli import UserError, command
 
 DAY = 86400
@@ -23,11 +22,9 @@ def _add_refresh_args(p: argparse.ArgumentParser) -> None:
     from trainer import segment_drift as sd
 
     src = p.add_argument_group("input: raw interactions, as `segrec preprocess` reads them")
-    for action in cli_score._preprocess_actions(cli_score.RAW_INPUT_FLAGS):
-        src._add_action(action)  # argparse has no public API to share an action between parsers
+    cli_data.add_raw_input_args(src, format_flag="--input-format")
     q = p.add_argument_group("queries (as preprocess builds them; use the training dataset's values)")
-    for action in cli_score._preprocess_actions(cli_score.QUERY_FLAGS):
-        q._add_action(action)
+    cli_data.add_query_args(q)
 
     w = p.add_argument_group("windows")
     w.add_argument("--as-of", type=int, help="epoch second ending the current window (default: just after the last event)")
@@ -100,24 +97,11 @@ def _add_segments_args(p: argparse.ArgumentParser) -> None:
         "report", help="markdown + HTML report of a segments.json (sizes, profiles, changes, method comparison)"))
 
 
-def _formats(args) -> tuple:
-    formats = []
-    for entry in args.format or ["jsonl"]:
-        for name in filter(None, (x.strip() for x in entry.split(","))):
-            if name not in ("jsonl", "parquet"):
-                raise UserError(f"--format {name!r}: expected jsonl or parquet")
-            if name not in formats:
-                formats.append(name)
-    return tuple(formats)
-
-
 def refresh_config(args: argparse.Namespace):
     from beam_pipelines import examples, refresh
     from trainer import segment_drift as sd
 
-    ns = copy.copy(args)
-    ns.format = args.input_format  # build_sources reads the preprocess flag names
-    sources = tuple(cli_data.build_sources(ns))
+    sources = tuple(cli_data.build_sources(args))
     policy_args = {name: getattr(args, name) for name in ("max_history", "text_history") if getattr(args, name) is not None}
     return refresh.RefreshConfig(
         model_dir=args.model_dir,
@@ -136,7 +120,7 @@ def refresh_config(args: argparse.Namespace):
         min_rating=args.min_rating,
         min_batch_size=args.min_batch_size,
         max_batch_size=args.max_batch_size,
-        formats=_formats(args),
+        formats=cli_data.parse_formats(args.format or ["jsonl"], ("jsonl", "parquet")),
         embedding_sample=args.embedding_sample,
         overwrite=args.overwrite,
     )
