@@ -146,13 +146,7 @@ def export_defaults(version_dir: str) -> dict:
         return {}
     with tf.io.gfile.GFile(path) as f:
         card = f.read()
-    out = {}
-    # The card's format is the serving model manager's to parse; reuse its patterns.
-    if m := mm._DEFAULTS.search(card):
-        out["k"], out["beta"] = int(m.group(1)), float(m.group(2))
-    if m := mm._K_MAX.search(card):
-        out["k_max"] = int(m.group(1))
-    return out
+    return mm.card_knobs(card)
 
 
 def read_segments(version_dir: str) -> Optional[dict]:

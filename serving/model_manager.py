@@ -123,16 +123,25 @@ def load_version(path: str, version: int) -> LoadedVersion:
                            signature_defs=sig_map)
     card_path = os.path.join(path, MODEL_CARD)
     if os.path.exists(card_path):
-        card = open(card_path, encoding="utf-8").read()
-        if m := _K_MAX.search(card):
-            loaded.k_max = int(m.group(1))
-        if m := _DEFAULTS.search(card):
-            loaded.default_k, loaded.default_beta = int(m.group(1)), float(m.group(2))
+        knobs = card_knobs(open(card_path, encoding="utf-8").read())
+        loaded.k_max = knobs.get("k_max", loaded.k_max)
+        loaded.default_k = knobs.get("k", loaded.default_k)
+        loaded.default_beta = knobs.get("beta", loaded.default_beta)
     seg_path = os.path.join(path, SEGMENTS)
     if os.path.exists(seg_path):
         with open(seg_path, encoding="utf-8") as f:
             loaded.segments = json.load(f)
     return loaded
+
+
+def card_knobs(card: str) -> dict:
+    """{"k", "beta", "k_max"} as the export's model card states them (keys absent when it does not)."""
+    out = {}
+    if m := _DEFAULTS.search(card):
+        out["k"], out["beta"] = int(m.group(1)), float(m.group(2))
+    if m := _K_MAX.search(card):
+        out["k_max"] = int(m.group(1))
+    return out
 
 
 def list_versions(model_dir: str) -> dict:
