@@ -264,7 +264,9 @@ def query_users(dataset_dir: str, target: str, segments_path: str, seed: int = 0
     candidates = [(str(ev.user_ids[r]), str(ev.user_texts[r]), [h for h in ev.histories[r] if h]) for r in rows]
     out = []
     with RecommenderClient(target, timeout=30, segments_path=segments_path, titles=titles) as client:
-        recs = client.recommend_many([(text, hist) for _, text, hist in candidates], k=k)
+        recs = []
+        for start in range(0, len(candidates), 32):  # requests well under the server's batch limit
+            recs += client.recommend_many([(text, hist) for _, text, hist in candidates[start:start + 32]], k=k)
         chosen, per_seg = [], {}
         for cand, rec in zip(candidates, recs):
             if per_seg.get(rec.segment_id, 0) < per_segment and (rec.segment_id in per_seg or len(per_seg) < max_segments):
