@@ -149,6 +149,20 @@ class RecommenderClient:
                                        model_version=model_version))
         return recs
 
+    def model_status(self) -> dict:
+        """ModelService.GetModelStatus (TF Serving and segrec serve both answer it) plus the
+        defaults `segrec serve` publishes: {"versions": [{version, state, error}],
+        "default_beta", "default_k", "k_max"} (None where the server does not say)."""
+        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        _set_spec(request.model_spec, self.model_name, None, None)
+        status = self._with_retries(model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus, request)
+        versions = [{"version": s.version, "state": get_model_status_pb2.ModelVersionStatus.State.Name(s.state),
+                     "error": s.status.error_message} for s in status.model_version_status]
+        info = self._info(None, None)
+        return {"versions": versions, **{key: info.get(key) for key in ("default_beta", "default_k", "k_max")}}
+
     def close(self) -> None:
         self._channel.close()
 

@@ -211,49 +211,6 @@ def _read_segments(path: str) -> dict:
 
 
 # --- the model's status, for /api/health ------------------------------------------------------------
-def model_status(config: FrontendConfig) -> dict:
-    """ModelService.GetModelStatus (TF Serving and segrec serve both answer it),
-    plus the defaults `segrec serve` publishes in its "segrec" metadata field.
-
-    Raises cl.RecommendError with the gRPC code when the server cannot be asked.
-    """
-    from google.protobuf import wrappers_pb2
-    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                         prediction_service_pb2_grpc)
-
-    metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
-    with _channel(config) as channel:
-        try:
-            status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
-                get_model_status_pb2.GetModelStatusRequest(model_spec={"name": config.model_name}),
-                timeout=config.timeout, metadata=metadata)
-        except grpc.RpcError as err:
-            raise cl.RecommendError(err.code(), err.details()) from None
-        versions = [{"version": s.version, "state": get_model_status_pb2.ModelVersionStatus.State.Name(s.state),
-                     "error": s.status.error_message} for s in status.model_version_status]
-        info = {}
-        try:
-            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
-                get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": config.model_name},
-                                                               metadata_field=[cl.SEGREC_METADATA]),
-                timeout=config.timeout, metadata=metadata)
-            value = wrappers_pb2.StringValue()
-            response.metadata[cl.SEGREC_METADATA].Unpack(value)
-            info = json.loads(value.value)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.INVALID_ARGUMENT:  # TF Serving rejects the field: no defaults
-                raise cl.RecommendError(err.code(), err.details()) from None
-    return {"versions": versions, "default_beta": info.get("default_beta"), "default_k": info.get("default_k"),
-            "k_max": info.get("k_max")}
-
-
-def _channel(config: FrontendConfig) -> grpc.Channel:
-    if config.tls or config.root_certificates:
-        creds = grpc.ssl_channel_credentials(root_certificates=config.root_certificates)
-        return grpc.secure_channel(config.target, creds)
-    return grpc.insecure_channel(config.target)
-
-
 # --- the app ---------------------------------------------------------------------------------------
 class RecommendRequest(pydantic.BaseModel):
     """POST /api/recommend: either user_id (an existing user) or profile + liked (a typed user)."""
@@ -321,7 +278,7 @@ def create_app(config: FrontendConfig, dataset: Optional[Dataset] = None):
     @app.get("/api/health")
     def health():
         """503 with the gRPC error when the model server cannot be reached."""
-        status = model_status(config)
+        status = client.model_status()
         return {"status": "ok", "target": config.target, "model_name": config.model_name, **status,
                 "users": len(dataset.users), "items": len(dataset.titles)}
 
