@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -103,3 +106,23 @@ def test_given_2d_points_and_bad_shapes(tmp_path):
     assert any(p.endswith("user_embeddings_2d.png") for p in paths)
     with pytest.raises(ValueError, match="category_names"):
         report.write_report(str(tmp_path), {}, segment_category_matrix=np.ones((2, 3)), category_names=["a"])
+
+
+def test_write_report_leaves_the_matplotlib_backend_alone(tmp_path):
+    # A fresh interpreter on a non-Agg backend (svg here; a notebook's inline one in real life): writing the
+    # figures must not switch it, as matplotlib.use("Agg") did, which stopped a notebook showing plots.
+    code = textwrap.dedent("""
+        import sys
+        import matplotlib
+        import trainer
+        from trainer import report
+        before = matplotlib.get_backend()
+        paths = report.write_report(sys.argv[1], {}, segment_sizes=[3, 5], segment_labels=["a", "b"],
+                                    user_embeddings_2d=[[0, 0], [1, 1], [2, 0]], user_labels=[0, 1, 1])
+        print(before, matplotlib.get_backend(), len(paths))
+    """)
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["svg", "svg", "4"], out.stderr[-2000:]
+    assert (tmp_path / "segment_sizes.png").read_bytes()[:8] == PNG_MAGIC

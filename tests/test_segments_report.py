@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -98,3 +101,26 @@ def test_minimal_report_and_errors(tmp_path):
     np.savez(tmp_path / "nolabels.npz", user_ids=np.array(users), embeddings=emb)
     loaded = rep.load_embeddings(str(tmp_path / "nolabels.npz"), doc)
     assert (loaded.labels == labels).mean() > 0.95
+
+
+def test_write_report_leaves_the_matplotlib_backend_alone(tmp_path):
+    # As tests/test_report.py: a fresh interpreter on the svg backend keeps it after the report's figures.
+    doc, users, emb, labels = _world()
+    sp.save(doc, str(tmp_path / "s.json"))
+    rep.save_embeddings(str(tmp_path / "emb.npz"), rep.EmbeddingSet(np.array(users), emb, labels, labels))
+    code = textwrap.dedent("""
+        import sys
+        import matplotlib
+        import trainer
+        from trainer import segments_report
+        before = matplotlib.get_backend()
+        paths = segments_report.write_report(sys.argv[1] + "/s.json", sys.argv[1] + "/r",
+                                             embeddings=sys.argv[1] + "/emb.npz", min_segment_users=3)
+        print(before, matplotlib.get_backend(), sorted(k for k in paths if k.startswith("segment_")))
+    """)
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    before, after, figures = out.stdout.split(maxsplit=2)
+    assert (before, after) == ("svg", "svg"), out.stderr[-2000:]
+    assert "segment_migration" in figures and "segment_sizes" in figures

@@ -15,7 +15,9 @@ statistics) as plain dicts and numpy arrays and writes:
                                    coloured by segment
 
 Each optional input adds its table or figure; nothing else is required.
-matplotlib runs on the Agg backend (no display; CI and Vertex have none).
+Figures are drawn on their own matplotlib Figure and written by the Agg
+canvas: no pyplot, no `matplotlib.use()`, so the process's backend (a
+notebook's inline plots, say) is left as it was.
 """
 
 from __future__ import annotations
@@ -113,6 +115,27 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def new_figure(figsize):
+    """(figure, axes) on a standalone Figure with an Agg canvas.
+
+    Not pyplot: pyplot keeps global figure state and resolves the process-wide
+    backend, and `matplotlib.use("Agg")` would switch it for everybody (a
+    notebook would stop showing plots). A bare Figure needs neither and needs
+    no display, so it also works on CI and Vertex.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+
+
 def models_table(results: Mapping[str, Mapping]) -> list[str]:
     """Markdown lines: one row per model, one column per metric; best in bold."""
     keys = _metric_keys(list(results.values()))
@@ -159,9 +182,7 @@ def breakdown_table(breakdowns: Mapping[str, Mapping[str, Mapping]], metric_keys
 
 
 def _plot_recall_curves(path, curves, title):
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure((7, 4.5))
     for name, (ks, values) in curves.items():
         ax.plot(np.asarray(ks), np.asarray(values), label=name, linewidth=1.8)
     ax.set_xlabel("K (number of recommended items)")
@@ -170,9 +191,7 @@ def _plot_recall_curves(path, curves, title):
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _segment_names(n: int, segment_labels) -> list[str]:
@@ -185,11 +204,9 @@ def _segment_names(n: int, segment_labels) -> list[str]:
 
 
 def _plot_sizes(path, sizes, segment_labels, title):
-    import matplotlib.pyplot as plt
-
     sizes = np.asarray(sizes)
     names = _segment_names(sizes.size, segment_labels)
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * sizes.size + 2), 4.5))
+    fig, ax = new_figure((max(6, 0.45 * sizes.size + 2), 4.5))
     ax.bar(np.arange(sizes.size), sizes, color="tab:blue")
     ax.set_xticks(np.arange(sizes.size))
     ax.set_xticklabels(names, rotation=45 if sizes.size > 6 else 0, ha="right" if sizes.size > 6 else "center")
@@ -197,14 +214,10 @@ def _plot_sizes(path, sizes, segment_labels, title):
     ax.set_ylabel("Users")
     ax.set_title(f"{title}: users per segment")
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_heatmap(path, matrix, category_names, segment_labels, title):
-    import matplotlib.pyplot as plt
-
     matrix = np.asarray(matrix, np.float64)
     if matrix.ndim != 2:
         raise ValueError(f"segment_category_matrix must be [K, C]; got shape {matrix.shape}")
@@ -216,7 +229,7 @@ def _plot_heatmap(path, matrix, category_names, segment_labels, title):
     # Row shares: segments differ in size, what matters is their mix.
     totals = matrix.sum(axis=1, keepdims=True)
     shares = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
-    fig, ax = plt.subplots(figsize=(max(6, 0.4 * n_cat + 3), max(3.5, 0.4 * n_seg + 2)))
+    fig, ax = new_figure((max(6, 0.4 * n_cat + 3), max(3.5, 0.4 * n_seg + 2)))
     im = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0)
     ax.set_xticks(np.arange(n_cat))
     ax.set_xticklabels(cats, rotation=60, ha="right")
@@ -226,9 +239,7 @@ def _plot_heatmap(path, matrix, category_names, segment_labels, title):
     ax.set_ylabel("Segment")
     ax.set_title(f"{title}: category mix per segment")
     fig.colorbar(im, ax=ax, label="Share of the segment's interactions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def project_2d(embeddings: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
@@ -253,15 +264,15 @@ def project_2d(embeddings: np.ndarray, method: str = "pca", seed: int = 0) -> np
 
 
 def _plot_embeddings(path, points, labels, segment_labels, title, method):
-    import matplotlib.pyplot as plt
+    import matplotlib
 
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig, ax = new_figure((7, 6))
     if labels is None:
         ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.6)
     else:
         labels = np.asarray(labels)
         uniq = np.unique(labels)
-        cmap = plt.get_cmap("tab20" if uniq.size > 10 else "tab10")
+        cmap = matplotlib.colormaps["tab20" if uniq.size > 10 else "tab10"]
         for i, lab in enumerate(uniq):
             sel = labels == lab
             if lab == -1:
@@ -276,9 +287,7 @@ def _plot_embeddings(path, points, labels, segment_labels, title, method):
     ax.set_xlabel(f"{axis}1")
     ax.set_ylabel(f"{axis}2")
     ax.set_title(f"{title}: user embeddings in 2-D ({method.upper() if method != 'given' else 'as given'})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(
@@ -324,10 +333,6 @@ def write_report(
     Returns:
       Paths written, report.json and report.md first.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on CI / Vertex; must precede pyplot use
-
     os.makedirs(out_dir, exist_ok=True)
     figures: dict[str, str] = {}
 

@@ -180,13 +180,11 @@ def _render_html(title: str, blocks: list, out_dir: str) -> str:
 
 # --- plots ----------------------------------------------------------------------------------------
 def _plot_migration(path: str, matrix: np.ndarray, names: Sequence[str], title: str) -> None:
-    import matplotlib.pyplot as plt
-
     m = np.asarray(matrix, np.float64)
     rows = m.sum(axis=1, keepdims=True)
     shares = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
     n = m.shape[0]
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * n + 3), max(4, 0.6 * n + 2)))
+    fig, ax = base_report.new_figure((max(5, 0.7 * n + 3), max(4, 0.6 * n + 2)))
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for a in range(n):
         for b in range(n):
@@ -201,9 +199,7 @@ def _plot_migration(path: str, matrix: np.ndarray, names: Sequence[str], title: 
     ax.set_ylabel("Segment before")
     ax.set_title(f"{title}: where each segment's users went")
     fig.colorbar(im, ax=ax, label="Share of the old segment's users (numbers: users)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    base_report.save_figure(fig, path)
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -219,14 +215,23 @@ def _top(entries, key, n=3) -> str:
     return ", ".join(f"{e[key]} (×{e.get('lift', 0):.1f})" for e in (entries or [])[:n]) or "–"
 
 
-def _attrs(attributes: dict) -> str:
+def _attrs(attributes: dict, distinctive: Optional[dict] = None) -> str:
+    """Per attribute: the mean (and everybody's), or the most common value and the most over-represented one."""
     parts = []
     for name, summary in (attributes or {}).items():
+        contrast = (distinctive or {}).get(name) or {}
         if "mean" in summary:
-            parts.append(f"{name} mean {summary['mean']:g}")
+            overall = f" (all {contrast['overall_mean']:g})" if "overall_mean" in contrast else ""
+            parts.append(f"{name} mean {summary['mean']:g}{overall}")
         elif summary:
             value, share = next(iter(summary.items()))
-            parts.append(f"{name} {value} {share:.0%}")
+            text = f"{name} {value} {share:.0%}"
+            over = contrast.get("over_represented")
+            if over and over["value"] != value:
+                text += f", {over['value']} ×{over['lift']:.1f}"
+            elif over:
+                text += f" ×{over['lift']:.1f}"
+            parts.append(text)
     return "; ".join(parts[:4]) or "–"
 
 
@@ -270,10 +275,6 @@ def write_report(
         (needs embeddings).
       min_segment_users: segments below this size are hidden everywhere.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on CI / Vertex
-
     if min_segment_users < 1:
         raise ValueError(f"--min-segment-users must be >= 1, got {min_segment_users}")
     if compare_methods and embeddings is None:
@@ -304,11 +305,14 @@ def write_report(
     for i in shown:
         s = segs[i]
         rows.append([i, s.get("label", ""), s["size"], s.get("share"), s.get("mean_confidence"),
-                     _top(s.get("top_categories"), "category"), _top(s.get("top_items"), "title"), _attrs(s.get("attributes"))])
+                     _top(s.get("top_categories"), "category"), _top(s.get("top_items"), "title"),
+                     _attrs(s.get("attributes"), s.get("distinctive_attributes"))])
         payload["segments"].append({key: s.get(key) for key in ("id", "label", "size", "share", "mean_confidence",
-                                                                  "top_categories", "top_items", "attributes")})
+                                                                  "top_categories", "top_items", "attributes",
+                                                                  "distinctive_attributes")})
     blocks += [("h2", "Segments"),
-               ("p", "Top categories and items by lift (×: share in the segment over share overall)."),
+               ("p", "Top categories and items by lift (×: share in the segment over share overall). Attributes: "
+                     "the most common value, then the most over-represented one with its lift."),
                ("table", ["Id", "Label", "Users", "Share", "Mean confidence", "Top categories", "Top items", "Attributes"], rows)]
 
     # Quality.
