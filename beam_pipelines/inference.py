@@ -3,6 +3,7 @@
     interactions, items, users --BuildUserQueries--> UserQuery per user
                                               \\--> dead letters (per reason), counts
     UserQuery --RunSegRec(model_dir, signature, k, beta)--> (UserQuery, {output: numpy})
+                                                     \\--> dead letters (inference_error), counts
 
 `BuildUserQueries` builds each user's query features with the very functions
 preprocess uses for training examples (`examples.query_features`:
@@ -15,6 +16,14 @@ batch of queries into the signature's tensors and returns one
 `PredictionResult` per user whose inference is that user's row of every
 output (no batch dim). Batch scoring (`segrec score`) and segment refresh
 (`segrec segments refresh`) both run the model through this module.
+
+A batch the model rejects (a string the tokenizer or tf.constant refuses,
+an in-graph assert, an out-of-memory batch) does not fail the job:
+`RunInferenceRetrying` runs Beam's RunInference with exception handling,
+sends each element of a failed batch through the same handler alone, and
+returns the elements that still fail with their error. RunSegRec turns
+those into dead letters (source MODEL_SOURCE, reason INFERENCE_ERROR), so
+one bad user never costs the other users of its batch.
 """
 
 from __future__ import annotations
@@ -56,6 +65,12 @@ NO_EVENTS = "no_events"  # a profile but no interaction at all (and cold users n
 UNUSABLE_EVENTS = "unusable_events"  # every interaction names an unknown item or was filtered
 NO_EVENTS_IN_WINDOW = "no_events_in_window"  # events, but none in [as_of - window, as_of)
 QUERY_REASONS = (NO_EVENTS, UNUSABLE_EVENTS, NO_EVENTS_IN_WINDOW)
+
+# Users whose query the model rejects even alone (dead-letter source MODEL_SOURCE).
+MODEL_SOURCE = "model"
+INFERENCE_ERROR = "inference_error"
+FAILED = "failed"  # RunInferenceRetrying's output of (element, error text) pairs
+MAX_ERROR_CHARS = 1000
 
 PROGRESS_EVERY = 10_000
 
@@ -272,12 +287,139 @@ class SegRecModelHandler(_tfi.TFModelHandlerTensor):
         return NAMESPACE
 
 
-class RunSegRec(beam.PTransform):
-    """PCollection[UserQuery] -> PCollection[(UserQuery, {output name: numpy array})].
+def describe_error(err: BaseException) -> str:
+    """"<Type>: <message>" on one line, at most MAX_ERROR_CHARS, encodable as UTF-8.
 
-    Args as SegRecModelHandler; the outputs are the signature's, one user's
-    row each (item_ids [k] str, scores [k], segment_id [], segment_probs [K];
-    or embedding [d], segment_id, segment_probs for user_embedding).
+    TensorFlow's messages span lines ("Graph execution error: ... assertion
+    failed: [...]"); a message may quote the offending text, lone surrogates
+    included, which could not be written to a UTF-8 dead-letter file as is.
+    """
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _batch_error(error) -> str:
+    """The batch's error as Beam's exception handling passes it: (type, repr, traceback lines).
+
+    TensorFlow's errors have an empty repr; the traceback's last line holds the message.
+    """
+    if isinstance(error, tuple) and len(error) == 3:
+        lines = "".join(error[2] or ()).strip().splitlines()
+        text = lines[-1] if lines else str(error[1])
+    else:
+        text = str(error)
+    return text[:300]
+
+
+class RetryOneByOne(beam.DoFn):
+    """RunInference's failed batches -> each element alone through the same model handler.
+
+    Input: the `failed_inferences` of RunInference(...).with_exception_handling(),
+    (batch, (exception type, repr, traceback)). Main output: what the
+    handler returns for each element that succeeds alone (PredictionResult,
+    or (key, PredictionResult) with a KeyedModelHandler); FAILED: (element,
+    describe_error(its own exception)) for the ones that fail alone too;
+    COUNTS: inference.failed_batches, inference.retried_elements.
+
+    The model is loaded on a worker's first failed batch, not in setup: a
+    job where nothing fails never loads this second copy. exc_class: what
+    an element's failure may raise (anything else fails the job).
+    """
+
+    def __init__(self, handler, exc_class=Exception):
+        from apache_beam.utils import shared
+
+        self._handler = handler
+        self._exc_class = exc_class
+        self._shared = shared.Shared()
+        self._model = None
+        self._failed = Metrics.counter(NAMESPACE, "inference_failed_batches")
+        self._dead = Metrics.counter(NAMESPACE, f"dead_letter.{INFERENCE_ERROR}")
+
+    def process(self, failed):
+        batch, error = failed
+        batch = list(batch)
+        _LOG.warning("inference failed on a batch of %d (%s); retrying its elements one by one", len(batch),
+                     _batch_error(error))
+        self._failed.inc()
+        yield T._count("inference.failed_batches")
+        yield T._count("inference.retried_elements", len(batch))
+        if self._model is None:
+            self._model = self._shared.acquire(self._handler.load_model, tag="retry-one-by-one")
+        for element in batch:
+            try:
+                results = list(self._handler.run_inference([element], self._model))
+            except self._exc_class as err:  # the element's own failure: dead-lettered by the caller
+                self._dead.inc()
+                yield pvalue.TaggedOutput(FAILED, (element, describe_error(err)))
+                continue
+            yield from results
+
+
+class RunInferenceRetrying(beam.PTransform):
+    """RunInference(handler) where a failing batch costs only its failing elements.
+
+    PCollection[example] -> {"results": what RunInference returns,
+    FAILED: (example, error text) of the examples that fail even alone,
+    T.COUNTS: inference.failed_batches, inference.retried_elements}.
+
+    Beam's RunInference has no per-element fallback: with exception
+    handling, a batch whose inference raises goes whole to
+    `failed_inferences`. RetryOneByOne re-runs each of its elements alone
+    with the same handler (keyed or not), so the good ones are still scored.
+    """
+
+    def __init__(self, handler, exc_class=Exception):
+        """handler: a ModelHandler (keyed or not); exc_class: the exception class(es) that mark a
+        failed inference (RunInference.with_exception_handling's; anything else fails the job)."""
+        super().__init__()
+        self._handler = handler
+        self._exc_class = exc_class
+
+    def expand(self, examples):
+        results, dlq = examples | "RunInference" >> RunInference(self._handler).with_exception_handling(
+            exc_class=self._exc_class)
+        retry = RetryOneByOne(self._handler, self._exc_class)
+        retried = dlq.failed_inferences | "RetryOneByOne" >> beam.ParDo(retry).with_outputs(
+            FAILED, T.COUNTS, main="results")
+        merged = (results, retried.results) | "MergeResults" >> beam.Flatten()
+        return {"results": merged, FAILED: retried[FAILED], T.COUNTS: retried[T.COUNTS]}
+
+
+def inference_dead_letter(query: UserQuery, error: str, where: str = "") -> records.DeadLetter:
+    """The dead letter of a user the model rejects: source MODEL_SOURCE, reason INFERENCE_ERROR.
+
+    raw holds the query (ASCII-escaped JSON: the text the model refused may
+    not be valid UTF-8 on its own); where (e.g. " (previous window)") is
+    appended to the location.
+    """
+    raw = json.dumps({"user_id": query.user_id, "user_text": query.user_text,
+                      "history_item_ids": list(query.history_item_ids)}, sort_keys=True, ensure_ascii=True)
+    return records.DeadLetter(MODEL_SOURCE, f"user {query.user_id}{where}", INFERENCE_ERROR,
+                              f"the model rejected this user's query even alone: {error}", raw)
+
+
+def _model_dead(failed):
+    query, error = failed
+    yield pvalue.TaggedOutput(T.DEAD, inference_dead_letter(query, error))
+    yield T._count(f"dead.{MODEL_SOURCE}.{INFERENCE_ERROR}")
+
+
+class RunSegRec(beam.PTransform):
+    """PCollection[UserQuery] -> {"results", T.DEAD, T.COUNTS} (a dict with a .results property).
+
+    results: (UserQuery, {output name: numpy array}), the signature's
+    outputs, one user's row each (item_ids [k] str, scores [k], segment_id
+    [], segment_probs [K]; or embedding [d], segment_id, segment_probs for
+    user_embedding). T.DEAD: a records.DeadLetter (source MODEL_SOURCE,
+    reason INFERENCE_ERROR, the error in detail) for each user whose query
+    fails inference even alone (see RunInferenceRetrying). T.COUNTS:
+    dead.model.inference_error, inference.failed_batches,
+    inference.retried_elements. Every query is in exactly one of results
+    and T.DEAD.
+
+    Args as SegRecModelHandler.
     """
 
     def __init__(self, model_dir: str, signature: str = SERVING_DEFAULT, k: Optional[int] = None,
@@ -292,11 +434,34 @@ class RunSegRec(beam.PTransform):
         return self.handler.version_dir
 
     def expand(self, queries):
-        return (
-            queries
-            | "RunInference" >> RunInference(self.handler)
-            | "Unpack" >> beam.Map(lambda r: (r.example, r.inference))
-        )
+        run = queries | "RunInference" >> RunInferenceRetrying(self.handler)
+        results = run["results"] | "Unpack" >> beam.Map(lambda r: (r.example, r.inference))
+        dead = run[FAILED] | "DeadLetter" >> beam.FlatMap(_model_dead).with_outputs(T.DEAD, T.COUNTS)
+        counts = (run[T.COUNTS], dead[T.COUNTS]) | "FlattenCounts" >> beam.Flatten()
+        return _Results(results, dead[T.DEAD], counts)
+
+
+class _Results(dict):
+    """RunSegRec's outputs: .results, [T.DEAD], [T.COUNTS] (a dict, so Beam sees PCollections)."""
+
+    def __init__(self, results, dead, counts):
+        super().__init__({"results": results, T.DEAD: dead, T.COUNTS: counts})
+
+    @property
+    def results(self):
+        return self["results"]
+
+
+def check_not_all_rejected(queries: int, scored: int, dead_letter_dir: str) -> None:
+    """Every query failing inference is the model's or the job's fault, not the users': an error.
+
+    (One bad user is dead-lettered and the job succeeds; all of them is
+    e.g. a model that does not take these inputs.)
+    """
+    if queries and not scored:
+        raise records.InputError(
+            f"the model rejected all {queries:,} user queries (reason {INFERENCE_ERROR}; the errors are in "
+            f"{dead_letter_dir}): check that --model-dir is a segrec export matching this input")
 
 
 # --- user queries from canonical records ----------------------------------------------------
@@ -345,7 +510,7 @@ class BuildQuery(beam.DoFn):
         if usable or (self._cold and users):
             text, history = ex.query_features(usable, attributes, titles, self._policy, before=as_of)
             self._built.inc()
-            yield T._count("users.scored")
+            yield T._count("users.queries")
             if not history:
                 yield T._count("users.cold")
             yield UserQuery(user_id, text, tuple(history))
@@ -388,7 +553,7 @@ class BuildUserQueries(beam.PTransform):
 
     Outputs (a dict with a .queries property): `queries`, T.DEAD (records.DeadLetter: the
     row-level ones of the dedupe/join steps and the user-level ones) and
-    T.COUNTS ((key, n) pairs: users.in, users.scored, users.cold,
+    T.COUNTS ((key, n) pairs: users.in, users.queries (queries built), users.cold,
     dead.<source>.<reason>, filtered.<reason>, accepted.*).
     """
 

@@ -3,6 +3,7 @@
     sources --ReadSource--> records --BuildUserQueries(as_of, window)------------> current queries
                                    \\-BuildUserQueries(as_of - window, window)--> previous queries
     (window, UserQuery) --RunInference(keyed SegRecModelHandler, user_embedding)--> embeddings
+                                                                             \\--> rejected users
     previous embeddings --assign(old centroids)--> old segment per user  (or --previous-assignments)
     current embeddings --mini-batch k-means x iterations (CombineGlobally)--> new centroids
                        --assign(new centroids)--> new segment per user
@@ -11,10 +12,14 @@
 
 Both windows go through one RunInference with a KeyedModelHandler around
 beam_pipelines.inference's SegRecModelHandler, so each worker loads the
-model once. Every aggregate is a Beam combine of bounded size: k-means
-statistics are [K, d] sums and [K] counts per mini-batch
-(trainer.segment_drift.batch_stats / apply_batch), the migration matrix is
-[K, K]. What the driver does after the pipeline, and its bound:
+model once. A batch the model rejects is retried one user at a time
+(inference.RunInferenceRetrying); users rejected even alone are
+dead-lettered (source "model", reason "inference_error", either window)
+and left out of the k-means, the assignments and the drift counts. Every
+aggregate is a Beam combine of bounded size: k-means statistics are [K, d]
+sums and [K] counts per mini-batch (trainer.segment_drift.batch_stats /
+apply_batch), the migration matrix is [K, K]. What the driver does after
+the pipeline, and its bound:
   - drift figures and the verdict from those [K, K] / [K] counts;
   - profiles (trainer.segment_profiles) from the written profile rows of at
     most `max_profile_users` users (a seeded hash sample above that: sizes
@@ -36,8 +41,10 @@ Output (`output_dir`):
     v<N>/drift.json, v<N>/drift.md   migration, centroid shift, PSI, new /
                          vanished segments, verdict
     v<N>/embeddings.npz  the embedding sample (segments_report.load_embeddings)
-    v<N>/stats.json      counts: users in = queries built + dead-lettered, ...
-    v<N>/dead_letter/    users without a query in the window, bad rows
+    v<N>/stats.json      counts: users in = embedded + dead-lettered, queries
+                         built = embedded + rejected by the model, ...
+    v<N>/dead_letter/    users without a query in the window, users the
+                         model rejected, bad rows
 
 Exit status (the CLI's): 0 no drift, EXIT_DRIFT (3) when retraining is advised.
 """
@@ -163,6 +170,15 @@ def _unpack(kv):
     return window, q.user_id, tuple(q.history_item_ids), np.asarray(result.inference[features.EMBEDDING], np.float32)
 
 
+def _rejected(failed):
+    """((window, UserQuery), error) of RunInferenceRetrying -> its dead letter and count."""
+    (window, query), error = failed
+    prefix = "" if window == CURRENT else f"{window}."
+    where = "" if window == CURRENT else f" ({window} window)"
+    yield beam.pvalue.TaggedOutput(T.DEAD, inf.inference_dead_letter(query, error, where))
+    yield beam.pvalue.TaggedOutput(T.COUNTS, (f"{prefix}dead.{inf.MODEL_SOURCE}.{inf.INFERENCE_ERROR}", 1))
+
+
 def _assign_one(uid_emb, centroids):
     uid, emb = uid_emb
     labels, cos = sd.assign(emb[None, :], centroids)
@@ -278,7 +294,7 @@ def _single(pcoll, path: str, label: str) -> None:
 
 def build_pipeline(p: beam.Pipeline, config: RefreshConfig, plan: RefreshPlan) -> None:
     """Adds every refresh step to `p` (pure: where it runs is the PipelineOptions' business)."""
-    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.ml.inference.base import KeyedModelHandler
 
     k, d = plan.old_centroids.shape
     old_centroids = plan.old_centroids
@@ -309,10 +325,13 @@ def build_pipeline(p: beam.Pipeline, config: RefreshConfig, plan: RefreshPlan) -
 
     handler = KeyedModelHandler(inf.SegRecModelHandler(
         plan.version_dir, inf.USER_EMBEDDING, min_batch_size=config.min_batch_size, max_batch_size=config.max_batch_size))
-    results = (keyed | "FlattenQueries" >> beam.Flatten()
-               | "RunInference" >> RunInference(handler)
-               | "Unpack" >> beam.Map(_unpack))
+    run = keyed | "FlattenQueries" >> beam.Flatten() | "RunInference" >> inf.RunInferenceRetrying(handler)
+    results = run["results"] | "Unpack" >> beam.Map(_unpack)
+    rejected = run[inf.FAILED] | "Rejected" >> beam.FlatMap(_rejected).with_outputs(T.DEAD, T.COUNTS)
+    dead.append(rejected[T.DEAD])
+    counts += [run[T.COUNTS], rejected[T.COUNTS]]
     current = results | "OnlyCurrent" >> beam.Filter(lambda r: r[0] == CURRENT)
+    counts.append(T.count_elements(current, "users.embedded"))
     emb = current | "Embeddings" >> beam.Map(lambda r: (r[1], r[3]))
 
     if config.previous_assignments is None:
@@ -479,18 +498,32 @@ def run(config: RefreshConfig, beam_args: Sequence[str] = ()) -> RefreshSummary:
 
     counts = json.loads(outputs.read_text(plan.work("counts.json")))
     stats = preprocess.compose_stats(counts)
-    users_in = counts.get("users.in", 0)
+    users_in, queries = counts.get("users.in", 0), counts.get("users.queries", 0)
+    embedded = counts.get("users.embedded", 0)
     user_dead = {k.split(".", 2)[2]: v for k, v in counts.items() if k.startswith(f"dead.{inf.QUERY_SOURCE}.")}
+    model_dead = f"dead.{inf.MODEL_SOURCE}.{inf.INFERENCE_ERROR}"
+    rejected, prev_rejected = counts.get(model_dead, 0), counts.get(f"{PREVIOUS}.{model_dead}", 0)
+    if rejected:
+        user_dead[inf.INFERENCE_ERROR] = rejected
+    balanced = users_in == embedded + sum(user_dead.values()) and queries == embedded + rejected
+    if config.previous_assignments is None:  # the previous window's queries: embedded (assigned) or rejected
+        balanced &= counts.get("previous.users.queries", 0) == counts.get("previous.users_assigned", 0) + prev_rejected
     stats["users"] = {
-        "in": users_in, "queries": counts.get("users.scored", 0), "dead_lettered": sum(user_dead.values()),
+        "in": users_in, "queries": queries, "embedded": embedded, "dead_lettered": sum(user_dead.values()),
         "dead_letter": user_dead, "assigned": counts.get("users.assigned", 0),
         "in_previous_window": counts.get("previous.users_assigned", 0),
+        "previous_window_inference_failed": prev_rejected,
         "entered": counts.get("users.entered", 0), "left": counts.get("users.left", 0),
-        "balanced": users_in == counts.get("users.scored", 0) + sum(user_dead.values()),
+        "balanced": balanced,
     }
+    stats["inference"] = {"failed_batches": counts.get("inference.failed_batches", 0),
+                          "retried_one_by_one": counts.get("inference.retried_elements", 0)}
     stats["previous_assignments_dead_lettered"] = counts.get("dead.previous_assignments.bad_assignment", 0)
     if not (stats["balanced"] and stats["users"]["balanced"]):
         raise RuntimeError(f"accounting does not balance (a segrec bug): {json.dumps(stats)}")
+    if queries and not embedded:  # leave the figures behind before failing
+        outputs.write_text(FileSystems.join(plan.run_dir, features.STATS_FILE), json.dumps(stats, indent=2) + "\n")
+    inf.check_not_all_rejected(queries, embedded, FileSystems.join(plan.run_dir, "dead_letter"))
 
     dc = json.loads(outputs.read_text(plan.work("drift_counts.json")))
     new_centroids = np.asarray(dc["centroids"], np.float64)
@@ -543,10 +576,8 @@ def _new_segments(config: RefreshConfig, plan: RefreshPlan, centroids: np.ndarra
     for seg in doc["segments"]:
         n = int(sizes[seg["id"]])
         seg["size"], seg["share"] = n, round(n / max(total, 1), 4)
-        if n < config.min_segment_users:
-            for key in ("top_categories", "top_items", "attributes", "mean_confidence"):
-                seg.pop(key, None)
-            seg["profiled"], seg["label"] = False, f"segment {seg['id']} (too small to profile)"
+        if n < config.min_segment_users:  # privacy floor: no profile of any kind
+            profiles.drop_profile(seg)
     doc.update({"num_users": total, "min_profile_size": config.min_segment_users,
                 "profiled_users": len(user_ids),
                 "beta": plan.previous_doc.get("beta"),
@@ -615,7 +646,7 @@ def _write_outputs(config, plan, doc, drift, stats, dc) -> dict:
 def format_summary(summary: RefreshSummary) -> str:
     d, u = summary.drift, summary.stats["users"]
     lines = [f"segments refresh v{summary.version} finished in {summary.seconds:.1f}s -> {summary.output_dir}",
-             f"  users: {u['in']:,} in, {u['queries']:,} embedded, {u['dead_lettered']:,} dead-lettered "
+             f"  users: {u['in']:,} in, {u['embedded']:,} embedded, {u['dead_lettered']:,} dead-lettered "
              f"({', '.join(f'{k} {v:,}' for k, v in u['dead_letter'].items()) or 'none'}); "
              f"{u['in_previous_window']:,} in the previous window, {u['entered']:,} entered, {u['left']:,} left",
              f"  drift: PSI {d['psi_total']:.3f}, {d['moved_share']:.1%} of {d['users_both']:,} users moved, "

@@ -3,6 +3,7 @@
     raw sources --ReadSource--> records --BuildUserQueries--> UserQuery per user
     (or) dataset dir --QueriesFromDataset-----------------/        \\--> dead letters
     UserQuery --RunSegRec(serving_default, k, beta)--> --ToRecord--> one record per user
+                                                 \\--> dead letters (model, inference_error)
     recommendations-*.jsonl / -*.parquet / BigQuery   dead_letter/*.jsonl   stats.json
 
 Where the queries come from:
@@ -16,12 +17,15 @@ Where the queries come from:
   model's eval queries, byte for byte; the user's held-out events are not
   in them (score raw input for "as of now").
 
-One output record per scored user: user_id, segment_id, segment_label (from
-the segments.json beside the model), items and scores (top-k, best first,
-unfillable slots dropped) and model_version. stats.json checks users in =
-scored + dead-lettered and records written = scored. `build_pipeline` is
-pure; `run` decides nothing but options (DirectRunner by default, single or
-multi-process; Dataflow by flags).
+One output record per scored user: user_id, segment_id, segment_label
+(from the segments.json beside the model), items and scores (top-k, best
+first, unfillable slots dropped) and model_version. A user whose query the
+model rejects (even alone: a failing batch is retried one user at a time)
+is dead-lettered with source "model", reason "inference_error" and the
+error. stats.json checks users in = scored + dead-lettered (no query, or
+rejected by the model), queries = scored + rejected, and records written =
+scored. `build_pipeline` is pure; `run` decides nothing but options
+(DirectRunner by default, single or multi-process; Dataflow by flags).
 """
 
 from __future__ import annotations
@@ -260,7 +264,7 @@ class QueriesFromDataset(beam.PTransform):
         counts = (
             [r[T.COUNTS] for r in parsed]
             + [queries | "UsersIn" >> beam.Map(lambda q: ("users.in", 1)),
-               queries | "UsersScored" >> beam.Map(lambda q: ("users.scored", 1)),
+               queries | "UsersQueries" >> beam.Map(lambda q: ("users.queries", 1)),
                queries | "UsersCold" >> beam.FlatMap(lambda q: [] if q.history_item_ids else [("users.cold", 1)])]
         ) | "FlattenCounts" >> beam.Flatten()
         return {"queries": queries, T.DEAD: dead, T.COUNTS: counts}
@@ -378,9 +382,11 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, info: ModelInfo) -> No
     dead.append(built[T.DEAD])
     counts.append(built[T.COUNTS])
 
-    scored = built["queries"] | "RunSegRec" >> inf.RunSegRec(
+    run = built["queries"] | "RunSegRec" >> inf.RunSegRec(
         info.version_dir, inf.SERVING_DEFAULT, info.k, info.beta, config.min_batch_size, config.max_batch_size)
-    out = scored | "ToRecord" >> beam.ParDo(ToRecord(info))
+    dead.append(run[T.DEAD])
+    counts += [run[T.COUNTS], T.count_elements(run.results, "users.scored")]
+    out = run.results | "ToRecord" >> beam.ParDo(ToRecord(info))
     counts.append(T.count_elements(out, "records.written"))
 
     if JSONL in config.formats:
@@ -444,12 +450,16 @@ def compose_stats(counts: dict, config: ScoreConfig, info: ModelInfo) -> dict:
         if key.startswith("dead."):
             _, source, reason = key.split(".", 2)
             dead.setdefault(source, {})[reason] = n
-    users_in, scored = counts.get("users.in", 0), counts.get("users.scored", 0)
-    users_dead = sum(dead.get(inf.QUERY_SOURCE, {}).values())
+    users_in, queries, scored = counts.get("users.in", 0), counts.get("users.queries", 0), counts.get("users.scored", 0)
+    rejected = sum(dead.get(inf.MODEL_SOURCE, {}).values())
+    users_dead = sum(dead.get(inf.QUERY_SOURCE, {}).values()) + rejected
     written = counts.get("records.written", 0)
     stats = {
-        "users": {"in": users_in, "scored": scored, "cold": counts.get("users.cold", 0),
-                  "dead_lettered": users_dead, "balanced": users_in == scored + users_dead},
+        "users": {"in": users_in, "queries": queries, "scored": scored, "cold": counts.get("users.cold", 0),
+                  "dead_lettered": users_dead, "inference_failed": rejected,
+                  "balanced": users_in == scored + users_dead and queries == scored + rejected},
+        "inference": {"failed_batches": counts.get("inference.failed_batches", 0),
+                      "retried_one_by_one": counts.get("inference.retried_elements", 0)},
         "records_written": written,
         "dead_letter": {s: dict(sorted(r.items())) for s, r in sorted(dead.items())},
         "model": {"version_dir": info.version_dir, "version": info.version, "signature": inf.SERVING_DEFAULT,
@@ -531,6 +541,8 @@ def run(config: ScoreConfig, beam_args: Sequence[str] = ()) -> ScoreSummary:
     if not stats["balanced"]:
         raise RuntimeError(f"user accounting does not balance (a segrec bug): {json.dumps(stats['users'])}, "
                            f"records written {stats['records_written']}")
+    inf.check_not_all_rejected(stats["users"]["queries"], stats["users"]["scored"],
+                               _path(config, features.DEAD_LETTER_DIR))
     return ScoreSummary(config.output_dir, stats, written_files(config.output_dir), seconds)
 
 
@@ -548,8 +560,12 @@ def format_summary(summary: ScoreSummary) -> str:
     lines = [
         f"score finished in {summary.seconds:.1f}s -> {summary.output_dir}",
         f"  model        version {m['version']} ({m['version_dir']}), k={m['k']} beta={m['beta']}",
-        f"  users in {u['in']:,}   scored {u['scored']:,} (cold {u['cold']:,})   dead-lettered {u['dead_lettered']:,}",
+        f"  users in {u['in']:,}   scored {u['scored']:,} (cold {u['cold']:,})   dead-lettered {u['dead_lettered']:,}"
+        + (f" (model rejected {u['inference_failed']:,})" if u["inference_failed"] else ""),
     ]
+    if s["inference"]["failed_batches"]:
+        lines.append(f"  inference    {s['inference']['failed_batches']:,} batches failed; their "
+                     f"{s['inference']['retried_one_by_one']:,} users retried one by one")
     for kind, row in s.get("rows", {}).items():
         lines.append(f"  {kind:<13} read {row['read']:>9,}  accepted {row['accepted']:>9,}  "
                      f"dead-lettered {row['dead_lettered']:>7,}  filtered {row['filtered']:>7,}")

@@ -1,7 +1,8 @@
 """`segrec score` and beam_pipelines.inference over the tiny export: batched
 RunInference equals the SavedModel's own serving_default per user; queries
 equal preprocess's; bad users go to the dead letter and totals balance; the
-CLI writes JSONL and Parquet; multi-process DirectRunner gives the same."""
+CLI writes JSONL and Parquet; multi-process DirectRunner gives the same; a
+user the model rejects is dead-lettered and costs none of its batch mates."""
 
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ def test_bad_users_go_to_the_dead_letter_and_totals_balance(bad_users):
         # The read step dead-letters the bad timestamp (not counted here); the join the unknown items.
         assert_that(rows_dead, equal_to([("interactions", "unknown_item")] * 2), label="RowDead")
         counts = built[T.COUNTS] | beam.CombinePerKey(sum) | beam.Filter(lambda kv: kv[0].startswith("users."))
-        assert_that(counts, equal_to([("users.in", 5), ("users.scored", 2)]), label="Counts")
+        assert_that(counts, equal_to([("users.in", 5), ("users.queries", 2)]), label="Counts")
 
 
 def test_cold_users_are_scored_from_their_profile(bad_users):
@@ -246,8 +247,9 @@ def test_batched_results_equal_per_user_serving_default(tiny_generated, export_d
 
     with TestPipeline() as p:
         built = _records(p, _raw_sources(tiny_generated)) | inf.BuildUserQueries()
-        results = built.queries | inf.RunSegRec(export_dir, k=K, beta=BETA, min_batch_size=8, max_batch_size=16)
-        assert_that(results | beam.combiners.ToList(), lambda got: check(got[0]))
+        run = built.queries | inf.RunSegRec(export_dir, k=K, beta=BETA, min_batch_size=8, max_batch_size=16)
+        assert_that(run.results | beam.combiners.ToList(), lambda got: check(got[0]))
+        assert_that(run[T.DEAD], equal_to([]), label="NoDead")
 
 
 def test_user_embedding_signature(export_dir):
@@ -261,7 +263,7 @@ def test_user_embedding_signature(export_dir):
             assert abs(float(np.linalg.norm(out[F.EMBEDDING])) - 1.0) < 1e-4  # L2-normalised u
 
     with TestPipeline() as p:
-        results = p | beam.Create(queries) | inf.RunSegRec(export_dir, signature=inf.USER_EMBEDDING)
+        results = (p | beam.Create(queries) | inf.RunSegRec(export_dir, signature=inf.USER_EMBEDDING)).results
         assert_that(results | beam.combiners.ToList(), lambda got: check(got[0]))
 
 
@@ -297,8 +299,9 @@ def test_cli_writes_jsonl_and_parquet_and_refuses_to_overwrite(tiny_generated, b
         assert j["segment_label"] == labels[j["segment_id"]]
         assert j["scores"] == sorted(j["scores"], reverse=True)
     stats = json.load(open(out / "stats.json"))
-    assert stats["balanced"] and stats["users"] == {"in": 50, "scored": 50, "cold": 0, "dead_lettered": 0,
-                                                    "balanced": True}
+    assert stats["balanced"] and stats["users"] == {"in": 50, "queries": 50, "scored": 50, "cold": 0,
+                                                    "dead_lettered": 0, "inference_failed": 0, "balanced": True}
+    assert stats["inference"] == {"failed_batches": 0, "retried_one_by_one": 0}
     assert stats["records_written"] == 50 and stats["model"]["k"] == K
     assert stats["beam_counters"].get("segrec.score/users_scored") == 50
     assert cli.main(args) == 2  # refuses to overwrite
@@ -366,3 +369,147 @@ def test_query_policy_follows_the_training_data(tmp_path, export_dir):
     assert score.training_policy(str(version)) == ex.ExamplePolicy()  # unreadable -> the defaults
     # The tiny export names its real dataset dir, preprocessed with the defaults.
     assert score.training_policy(export_dir) == ex.ExamplePolicy()
+
+
+# --- users the model rejects --------------------------------------------------------------------
+
+
+def reject_users(monkeypatch, rejected) -> None:
+    """Makes the export reject any batch holding a user for whom rejected(user_id) is true, with the
+    InvalidArgumentError an in-graph assert raises (the batch fails whole, as in TensorFlow)."""
+    import tensorflow as tf
+
+    call = inf.SignatureCall.__call__
+
+    def rejecting(self, model, batch, inference_args, model_id=None):
+        bad = [q.user_id for q in batch if rejected(q.user_id)]
+        if bad:
+            raise tf.errors.InvalidArgumentError(
+                None, None, f"Graph execution error:\n\nDetected at node Assert\nassertion failed: [user {bad[0]}]")
+        return call(self, model, batch, inference_args, model_id)
+
+    monkeypatch.setattr(inf.SignatureCall, "__call__", rejecting)
+
+
+def _eval_queries(base_path) -> list:
+    """build_tiny_export's eval queries (50 users), as UserQuery."""
+    from trainer import dataset_arrays as da
+
+    split = da.load_split(str(pathlib.Path(base_path).parent / "ds"), "eval")
+    return [inf.UserQuery(str(u), str(t), tuple(str(h) for h in hist))
+            for u, t, hist in zip(split.user_ids, split.user_texts, split.histories)]
+
+
+def test_describe_error_is_one_bounded_utf8_line():
+    err = ValueError("Graph execution error:\n\n  assertion failed: [x]\n\t" + "\ud800" + "y" * 5000)
+    text = inf.describe_error(err)
+    assert text.startswith("ValueError: Graph execution error: assertion failed: [x] \\ud800y")
+    assert "\n" not in text and len(text) == inf.MAX_ERROR_CHARS and text.endswith("...")
+    text.encode("utf-8")  # writable to a dead-letter file
+
+
+def test_a_query_the_model_rejects_is_dead_lettered_and_its_batch_mates_scored(export_dir, base_path):
+    """A lone surrogate cannot become a tf.string: the whole batch fails. Its other users are
+    retried one by one and scored exactly as the model scores them alone; the bad one is
+    dead-lettered with the error."""
+    good = _eval_queries(base_path)
+    bad = inf.UserQuery("u_bad", good[0].user_text + " \ud800", good[0].history_item_ids)
+    queries = good[:20] + [bad] + good[20:]
+
+    def check_results(results):
+        assert sorted(q.user_id for q, _ in results) == sorted(q.user_id for q in good)
+        for query, out in results:
+            want = _direct(export_dir, query)
+            assert list(out[F.OUT_ITEM_IDS]) == [x.decode() for x in want[F.OUT_ITEM_IDS]], query.user_id
+            np.testing.assert_allclose(out[F.OUT_SCORES], want[F.OUT_SCORES], rtol=1e-5, atol=1e-6)
+            assert int(out[F.SEGMENT_ID]) == int(want[F.SEGMENT_ID])
+
+    def check_dead(letters):
+        assert [(d.source, d.location, d.reason) for d in letters] == [
+            (inf.MODEL_SOURCE, "user u_bad", inf.INFERENCE_ERROR)]
+        assert "UTF-8" in letters[0].detail and letters[0].detail.startswith("the model rejected")
+        assert json.loads(letters[0].raw)["user_text"] == bad.user_text
+        letters[0].to_json().encode("utf-8")
+
+    def check_counts(counts):
+        counts = dict(counts)
+        assert counts[f"dead.{inf.MODEL_SOURCE}.{inf.INFERENCE_ERROR}"] == 1
+        assert counts["inference.failed_batches"] >= 1
+        assert counts["inference.retried_elements"] >= 2  # the bad user had batch mates, retried alone
+
+    with TestPipeline() as p:
+        run = p | beam.Create(queries) | inf.RunSegRec(export_dir, k=K, beta=BETA, min_batch_size=10,
+                                                       max_batch_size=10)
+        assert_that(run.results | beam.combiners.ToList(), lambda got: check_results(got[0]), label="Results")
+        assert_that(run[T.DEAD] | "DeadList" >> beam.combiners.ToList(), lambda got: check_dead(got[0]),
+                    label="Dead")
+        assert_that(run[T.COUNTS] | beam.CombinePerKey(sum) | "CountList" >> beam.combiners.ToList(),
+                    lambda got: check_counts(got[0]), label="Counts")
+
+
+def test_keyed_handler_keeps_keys_through_the_retry(export_dir):
+    """RunInferenceRetrying with a KeyedModelHandler (as segment refresh uses it)."""
+    from apache_beam.ml.inference.base import KeyedModelHandler
+
+    queries = [("a", inf.UserQuery(f"u{i}", f"user: age {20 + i}.", ())) for i in range(4)]
+    queries.insert(2, ("b", inf.UserQuery("u_bad", "user: \ud800", ())))
+    handler = KeyedModelHandler(inf.SegRecModelHandler(export_dir, inf.USER_EMBEDDING, min_batch_size=5,
+                                                       max_batch_size=5))
+
+    def check_failed(failed):
+        assert len(failed) == 1
+        (key, query), error = failed[0]
+        assert (key, query.user_id) == ("b", "u_bad") and "UTF-8" in error
+
+    with TestPipeline() as p:
+        run = p | beam.Create(queries) | inf.RunInferenceRetrying(handler)
+        assert_that(run["results"] | beam.Map(lambda kv: (kv[0], kv[1].example.user_id)),
+                    equal_to([("a", f"u{i}") for i in range(4)]), label="Results")
+        assert_that(run[inf.FAILED] | beam.combiners.ToList(), lambda got: check_failed(got[0]), label="Failed")
+
+
+def test_cli_dead_letters_users_the_model_rejects(tiny_generated, base_path, export_dir, tmp_path, monkeypatch):
+    users = sorted({r["user_id"] for r in csv.DictReader(open(tiny_generated / "interactions.csv", encoding="utf-8"))})
+    bad = users[7]
+    reject_users(monkeypatch, lambda user_id: user_id == bad)
+    out = tmp_path / "scores"
+    assert cli.main(["score", "--input-dir", str(tiny_generated), "--model-dir", base_path, "--output-dir", str(out),
+                     "--k", str(K), "--beta", str(BETA), "--max-batch-size", "16"]) == 0
+    stats = json.load(open(out / "stats.json"))
+    assert stats["balanced"]
+    assert stats["users"] == {"in": 50, "queries": 50, "scored": 49, "cold": 0, "dead_lettered": 1,
+                              "inference_failed": 1, "balanced": True}
+    assert stats["dead_letter"] == {"model": {"inference_error": 1}} and stats["records_written"] == 49
+    assert stats["inference"]["failed_batches"] >= 1 and stats["inference"]["retried_one_by_one"] >= 2
+    letters = [json.loads(line) for path in glob.glob(str(out / "dead_letter" / "*.jsonl")) for line in open(path)]
+    assert len(letters) == 1
+    letter = letters[0]
+    assert (letter["source"], letter["location"], letter["reason"]) == ("model", f"user {bad}", "inference_error")
+    assert f"InvalidArgumentError: Graph execution error: Detected at node Assert assertion failed: [user {bad}]" \
+        in letter["detail"]
+    assert json.loads(letter["raw"])["user_id"] == bad
+    # Everyone else is scored as the model scores them.
+    rows = _read_jsonl(out)
+    assert set(rows) == set(users) - {bad}
+    with TestPipeline() as p:  # the same queries the score run built
+        queries = _records(p, _raw_sources(tiny_generated)) | inf.BuildUserQueries()
+        assert_that(queries.queries | beam.combiners.ToList(), lambda got: _check_rows(got[0], rows, export_dir))
+
+
+def _check_rows(queries, rows, export_dir):
+    for query in queries:
+        if query.user_id not in rows:
+            continue
+        want = _direct(export_dir, query)
+        assert rows[query.user_id]["items"] == [x.decode() for x in want[F.OUT_ITEM_IDS]], query.user_id
+        assert rows[query.user_id]["segment_id"] == int(want[F.SEGMENT_ID])
+
+
+def test_cli_fails_when_the_model_rejects_every_user(tiny_generated, base_path, tmp_path, monkeypatch, capsys):
+    reject_users(monkeypatch, lambda user_id: True)
+    out = tmp_path / "scores"
+    assert cli.main(["score", "--input-dir", str(tiny_generated), "--model-dir", base_path, "--output-dir", str(out),
+                     "--k", str(K), "--beta", str(BETA)]) == 2
+    assert "the model rejected all 50 user queries" in capsys.readouterr().err
+    stats = json.load(open(out / "stats.json"))  # the figures are left behind
+    assert stats["users"]["scored"] == 0 and stats["users"]["inference_failed"] == 50 and stats["balanced"]
