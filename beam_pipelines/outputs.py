@@ -4,12 +4,24 @@ shards with an old one's unless --overwrite" rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import records
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSummary:
+    """What a pipeline run wrote: its output dir, the checked stats.json
+    content, logical name -> written paths, and the wall time."""
+
+    output_dir: str
+    stats: dict
+    files: dict  # logical name -> list of paths
+    seconds: float
 
 
 def read_text(path: str) -> str:

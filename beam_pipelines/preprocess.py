@@ -63,12 +63,7 @@ class PreprocessConfig:
             raise ValueError("minimum interaction counts must be >= 0")
 
 
-@dataclasses.dataclass(frozen=True)
-class PreprocessSummary:
-    output_dir: str
-    stats: dict
-    files: dict  # logical name -> list of paths
-    seconds: float
+PreprocessSummary = outputs.PipelineSummary
 
 
 def _specs(config: PreprocessConfig, kind: str) -> list:

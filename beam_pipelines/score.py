@@ -137,12 +137,7 @@ class ModelInfo:
     policy: ex.ExamplePolicy = ex.ExamplePolicy()  # the query policy raw input is built with
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoreSummary:
-    output_dir: str
-    stats: dict
-    files: dict  # logical name -> list of paths
-    seconds: float
+ScoreSummary = outputs.PipelineSummary
 
 
 def resolve_model(config: ScoreConfig) -> ModelInfo:
