@@ -180,12 +180,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig) -> None:
         T.count_elements(train, "examples.train"),
         T.count_elements(eval_, "examples.eval"),
     ]
-    (counts
-     | "FlattenCounts" >> beam.Flatten()
-     | "SumCounts" >> beam.CombinePerKey(sum)
-     | "AllCounts" >> beam.combiners.ToList()
-     | "CountsJson" >> beam.Map(T.counts_json)
-     | "WriteCounts" >> beam.io.WriteToText(_path(config, COUNTS_FILE), num_shards=1, shard_name_template=""))
+    counts | "FlattenCounts" >> beam.Flatten() | "Counts" >> T.WriteCounts(_path(config, COUNTS_FILE))
 
 
 def _write_single(pcoll, path: str, label: str) -> None:

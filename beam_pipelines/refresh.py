@@ -408,9 +408,7 @@ def build_pipeline(p: beam.Pipeline, config: RefreshConfig, plan: RefreshPlan) -
     # ReadSource does not count its parse errors (the later steps count their own).
     counts.append(parse_dead | "ParseDeadOnce" >> beam.Flatten()
                   | "ParseDeadKeys" >> beam.Map(lambda x: (f"dead.{x.source}.{x.reason}", 1)))
-    (counts | "FlattenCounts" >> beam.Flatten() | "SumCounts" >> beam.CombinePerKey(sum)
-     | "AllCounts" >> beam.combiners.ToList() | "CountsJson" >> beam.Map(T.counts_json)
-     | "WriteCounts" >> beam.io.WriteToText(plan.work("counts.json"), num_shards=1, shard_name_template=""))
+    counts | "FlattenCounts" >> beam.Flatten() | "Counts" >> T.WriteCounts(plan.work("counts.json"))
 
 
 # --- the driver ------------------------------------------------------------------------------------

@@ -407,12 +407,7 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, info: ModelInfo) -> No
      | "FlattenDead" >> beam.Flatten()
      | "DeadJson" >> beam.Map(lambda d: d.to_json())
      | "WriteDead" >> beam.io.WriteToText(_path(config, features.DEAD_LETTER_DIR, "dead_letter"), file_name_suffix=".jsonl"))
-    (counts
-     | "FlattenCounts" >> beam.Flatten()
-     | "SumCounts" >> beam.CombinePerKey(sum)
-     | "AllCounts" >> beam.combiners.ToList()
-     | "CountsJson" >> beam.Map(T.counts_json)
-     | "WriteCounts" >> beam.io.WriteToText(_path(config, COUNTS_FILE), num_shards=1, shard_name_template=""))
+    counts | "FlattenCounts" >> beam.Flatten() | "Counts" >> T.WriteCounts(_path(config, COUNTS_FILE))
 
 
 # --- driver -------------------------------------------------------------------------------------

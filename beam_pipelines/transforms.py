@@ -285,3 +285,19 @@ class SortedVocab(beam.PTransform):
 def counts_json(pairs) -> str:
     """Summed (key, n) pairs as one JSON object, keys sorted."""
     return json.dumps(dict(sorted(pairs)), sort_keys=True)
+
+
+class WriteCounts(beam.PTransform):
+    """(key, n) pairs -> their per-key sums as one JSON object in exactly
+    `path` (the driver reads it back to compose stats.json)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, pairs):
+        return (pairs
+                | "SumCounts" >> beam.CombinePerKey(sum)
+                | "AllCounts" >> beam.combiners.ToList()
+                | "CountsJson" >> beam.Map(counts_json)
+                | "WriteCounts" >> beam.io.WriteToText(self._path, num_shards=1, shard_name_template=""))
