@@ -69,8 +69,9 @@ def test_beta_none_is_the_models_default(client):
 
 def test_concurrent_requests_with_different_knobs_share_a_call_and_answer_as_alone(client, server):
     """8 users, each with its own k and beta: the first call holds the model until
-    the other 7 are queued, and those 7 then run as ONE merged call (k and beta
-    concatenated per row); every answer equals the user's own call alone."""
+    the other 7 (sent once it is inside) are queued, and those 7 then run as ONE
+    merged call (k and beta concatenated per row); every answer equals the user's
+    own call alone."""
     batch = users(server["ids"], n=8, seed=3)
     knobs = [(2 + i, (0.0, 0.25, 1.0)[i % 3]) for i in range(8)]
     want = [direct_call(server["export"], [u], k, b) for u, (k, b) in zip(batch, knobs)]
@@ -88,7 +89,13 @@ def test_concurrent_requests_with_different_knobs_share_a_call_and_answer_as_alo
     batcher._run, batcher._on_batch = gated, lambda rows, requests: sizes.append(requests)
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda i: client.recommend(*batch[i], k=knobs[i][0], beta=knobs[i][1]), range(8)))
+            ask = lambda i: pool.submit(client.recommend, *batch[i], k=knobs[i][0], beta=knobs[i][1])  # noqa: E731
+            # The first user alone holds the model; only then come the other 7 (sent together they
+            # could race the first into its call and leave the gate waiting for a 7th queued one).
+            futures = [ask(0)]
+            assert first.wait(10), "the first request never reached the model"
+            futures += [ask(i) for i in range(1, 8)]
+            got = [f.result() for f in futures]
     finally:
         batcher._run, batcher._on_batch = run, None
     assert sizes == [1, 7]
