@@ -68,9 +68,9 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["trainer", "trainer.*", "serving", "serving.*", "beam_pipelines", "beam_pipelines.*"]),
     include_package_data=True,
-    package_data={"serving": ["static/*"]},
+    package_data={"serving.frontend": ["static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["segrec=trainer.cli:main"]},
+    entry_points={"console_scripts": ["segrec=trainer.cli.main:main"]},
     license="Apache-2.0",
 )

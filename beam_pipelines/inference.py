@@ -37,25 +37,24 @@ import sys
 import types
 from typing import Mapping, Optional
 
-import numpy as np
-
-import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 import apache_beam as beam
+import numpy as np
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 
-from beam_pipelines import examples as ex
-from beam_pipelines import records
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 from beam_pipelines import transforms as T
+from beam_pipelines.sources import records
 from trainer import features
+from trainer.data import examples as ex
 
 NAMESPACE = "segrec.inference"
 _LOG = logging.getLogger(NAMESPACE)
 
-SERVING_DEFAULT = "serving_default"
-RECOMMEND_DEFAULTS = "recommend_defaults"
-USER_EMBEDDING = "user_embedding"
+from serving.export import layout
+from trainer.contracts import RECOMMEND_DEFAULTS, SERVING_DEFAULT, USER_EMBEDDING
+
 SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, USER_EMBEDDING)
 
 # Why a user has no query (dead-letter source QUERY_SOURCE). Stable names:
@@ -120,59 +119,6 @@ def _tensorflow_inference():
 
 
 _tfi = _tensorflow_inference()
-
-
-def resolve_version_dir(model_dir: str) -> str:
-    """An export version dir from a version dir, `<base>/segrec` or `<base>` (latest version).
-
-    Resolved once, where the pipeline is built, so every worker loads the
-    same version even if a newer one is published while the job runs.
-    """
-    import tensorflow as tf
-
-    from serving import export
-
-    model_dir = model_dir.rstrip("/")
-    if tf.io.gfile.exists(_join(model_dir, "saved_model.pb")):
-        return model_dir
-    base = os.path.dirname(model_dir) if os.path.basename(model_dir) == export.MODEL_NAME else model_dir
-    versions = export.existing_versions(base or ".")
-    if versions:
-        return _join(export.model_dir(base or "."), str(versions[-1]))
-    raise records.InputError(
-        f"--model-dir {model_dir}: no exported model there (expected a version dir holding saved_model.pb, "
-        f"or a model base path holding {export.MODEL_NAME}/<version>/; run `segrec export` first)"
-    )
-
-
-def model_version(version_dir: str) -> int:
-    name = os.path.basename(version_dir.rstrip("/"))
-    return int(name) if name.isdigit() else 0
-
-
-def export_defaults(version_dir: str) -> dict:
-    """{"k": default k, "beta": default beta, "k_max": ...} from the export's model card ({} if absent)."""
-    import tensorflow as tf
-
-    from serving import model_manager as mm
-
-    path = _join(version_dir, mm.MODEL_CARD)
-    if not tf.io.gfile.exists(path):
-        return {}
-    with tf.io.gfile.GFile(path) as f:
-        card = f.read()
-    return mm.card_knobs(card)
-
-
-def read_segments(version_dir: str) -> Optional[dict]:
-    """The segments.json beside the model, or None."""
-    import tensorflow as tf
-
-    path = _join(version_dir, "segments.json")
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
 
 
 class SignatureCall:
@@ -243,7 +189,7 @@ class SegRecModelHandler(_tfi.TFModelHandlerTensor):
     """Beam's TensorFlow model handler for a segrec export.
 
     Elements are UserQuery; load_model registers the export's custom ops
-    (serving.export.load_exported) on the worker before loading; batching
+    (serving.export.layout.load_exported) on the worker before loading; batching
     follows min_batch_size / max_batch_size (Beam's BatchElements).
 
     Args:
@@ -261,24 +207,22 @@ class SegRecModelHandler(_tfi.TFModelHandlerTensor):
         if signature not in SIGNATURES:
             raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
         if signature == SERVING_DEFAULT and (k is None or beta is None):
-            raise ValueError("serving_default needs k and beta (see export_defaults for the export's own)")
+            raise ValueError("serving_default needs k and beta (export.json holds the export's own)")
         if k is not None and k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if beta is not None and not np.isfinite(beta):
             raise ValueError(f"beta must be finite, got {beta}")
         if min_batch_size is not None and max_batch_size is not None and min_batch_size > max_batch_size:
             raise ValueError(f"min_batch_size {min_batch_size} > max_batch_size {max_batch_size}")
-        version_dir = resolve_version_dir(model_dir)
+        version_dir = layout.resolve_version_dir(model_dir)
         super().__init__(version_dir, inference_fn=SignatureCall(signature, k, beta),
                          min_batch_size=min_batch_size, max_batch_size=max_batch_size, **kwargs)
         self.version_dir = version_dir
         self.signature = signature
 
     def load_model(self):
-        from serving import export
-
         _LOG.info("loading %s (%s) on this worker", self._model_uri, self.signature)
-        return export.load_exported(self._model_uri)
+        return layout.load_exported(self._model_uri)
 
     def get_num_bytes(self, batch) -> int:
         return sum(len(q.user_text) + sum(len(h) for h in q.history_item_ids) for q in batch)

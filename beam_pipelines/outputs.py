@@ -10,7 +10,7 @@ from typing import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines import records
+from beam_pipelines.sources import records
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,10 +27,11 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_pipelines import examples as ex
-from beam_pipelines import outputs, readers, records
+from beam_pipelines import outputs
 from beam_pipelines import transforms as T
+from beam_pipelines.sources import readers, records
 from trainer import features
+from trainer.data import examples as ex
 
 _LOG = logging.getLogger("segrec.preprocess")
 COUNTS_FILE = "_counts.json"

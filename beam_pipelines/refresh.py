@@ -17,11 +17,11 @@ model once. A batch the model rejects is retried one user at a time
 dead-lettered (source "model", reason "inference_error", either window)
 and left out of the k-means, the assignments and the drift counts. Every
 aggregate is a Beam combine of bounded size: k-means statistics are [K, d]
-sums and [K] counts per mini-batch (trainer.segment_drift.batch_stats /
+sums and [K] counts per mini-batch (trainer.segments.drift.batch_stats /
 apply_batch), the migration matrix is [K, K]. What the driver does after
 the pipeline, and its bound:
   - drift figures and the verdict from those [K, K] / [K] counts;
-  - profiles (trainer.segment_profiles) from the written profile rows of at
+  - profiles (trainer.segments.profiles) from the written profile rows of at
     most `max_profile_users` users (a seeded hash sample above that: sizes
     and shares always come from the full counts) and the catalog;
   - embeddings.npz for `segrec segments report` from a fixed-size sample
@@ -59,19 +59,22 @@ import re
 import time
 from typing import Optional, Sequence
 
-import numpy as np
-
-import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_pipelines import examples as ex
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 from beam_pipelines import inference as inf
-from beam_pipelines import outputs, readers, records
+from beam_pipelines import outputs
 from beam_pipelines import transforms as T
+from beam_pipelines.sources import readers, records
+from serving.export import layout
 from trainer import features
-from trainer import segment_drift as sd
+from trainer.contracts import SEGMENTS_FILE
+from trainer.data import examples as ex
+from trainer.segments import document
+from trainer.segments import drift as sd
 
 _LOG = logging.getLogger("segrec.refresh")
 EXIT_DRIFT = 3  # `segrec segments refresh` exit status when retraining is advised
@@ -439,15 +442,14 @@ def _latest_event(config: RefreshConfig, options: PipelineOptions, out: str) -> 
 
 def plan_refresh(config: RefreshConfig, options: PipelineOptions) -> RefreshPlan:
     """Resolves the model, the previous segments, as_of and the new version; prepares the output dir."""
-    from trainer import segment_profiles as profiles
 
-    version_dir = inf.resolve_version_dir(config.model_dir)
-    previous = config.previous or inf._join(version_dir, "segments.json")
+    version_dir = layout.resolve_version_dir(config.model_dir)
+    previous = config.previous or layout.join(version_dir, SEGMENTS_FILE)
     if not _exists(previous):
         raise records.InputError(f"{previous}: no segments.json (pass --previous PATH: the current segments)")
-    doc = profiles.load(previous)
+    doc = document.load(previous)
     try:
-        centroids = profiles.centroids_of(doc)
+        centroids = document.centroids(doc, previous)
     except (KeyError, TypeError) as err:
         raise records.InputError(f"{previous}: not a segments.json (needs segments[].centroid)") from err
     if centroids.ndim != 2 or centroids.shape[0] < 1:
@@ -544,7 +546,7 @@ def run(config: RefreshConfig, beam_args: Sequence[str] = ()) -> RefreshSummary:
 
 def _new_segments(config: RefreshConfig, plan: RefreshPlan, centroids: np.ndarray, dc: dict, drift: dict) -> dict:
     """The new segments.json: profiles of a bounded (hash-sampled) set of users, full-count sizes."""
-    from trainer import segment_profiles as profiles
+    from trainer.segments import profiles
 
     sizes = np.asarray(dc["sizes_new"], np.int64)
     total = int(sizes.sum())
@@ -611,22 +613,21 @@ def drift_markdown(drift: dict, doc: dict) -> str:
 
 
 def _write_outputs(config, plan, doc, drift, stats, dc) -> dict:
-    from trainer import segment_profiles as profiles
-    from trainer import segments_report as rep
+    from trainer.segments import segment_report as rep
 
     out = config.output_dir
     files = {"segments": FileSystems.join(out, f"segments-v{plan.version}.json"),
-             "segments_latest": FileSystems.join(out, "segments.json"),
+             "segments_latest": FileSystems.join(out, SEGMENTS_FILE),
              "drift_json": FileSystems.join(plan.run_dir, "drift.json"),
              "drift_md": FileSystems.join(plan.run_dir, "drift.md"),
              "stats": FileSystems.join(plan.run_dir, features.STATS_FILE),
              "embeddings": FileSystems.join(plan.run_dir, rep.EMBEDDINGS_NPZ)}
     old_copy = FileSystems.join(out, f"segments-v{plan.version - 1}.json")
     if not _exists(old_copy):
-        profiles.save(plan.previous_doc, old_copy)
+        document.save(plan.previous_doc, old_copy)
         files["segments_previous"] = old_copy
-    profiles.save(doc, files["segments"])
-    profiles.save(doc, files["segments_latest"])
+    document.save(doc, files["segments"])
+    document.save(doc, files["segments_latest"])
     outputs.write_text(files["drift_json"], json.dumps(drift, indent=2) + "\n")
     outputs.write_text(files["drift_md"], drift_markdown(drift, doc))
     outputs.write_text(files["stats"], json.dumps(stats, indent=2, sort_keys=True) + "\n")

@@ -43,11 +43,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_pipelines import examples as ex
 from beam_pipelines import inference as inf
-from beam_pipelines import outputs, preprocess, readers, records
+from beam_pipelines import outputs, preprocess
 from beam_pipelines import transforms as T
+from beam_pipelines.sources import readers, records
+from serving.export import layout
 from trainer import features
+from trainer.data import examples as ex
+from trainer.segments import document as segments_doc
 
 NAMESPACE = "segrec.score"
 _LOG = logging.getLogger(NAMESPACE)
@@ -142,38 +145,32 @@ ScoreSummary = outputs.PipelineSummary
 
 def resolve_model(config: ScoreConfig) -> ModelInfo:
     """The version to load and its k / beta / labels; a clear error for bad knobs."""
-    from trainer import segment_profiles
-
-    version_dir = inf.resolve_version_dir(config.model_dir)
-    defaults = inf.export_defaults(version_dir)
+    version_dir = layout.resolve_version_dir(config.model_dir)
+    defaults = layout.read_export_info(version_dir)
     k = config.k if config.k is not None else defaults.get("k")
     beta = config.beta if config.beta is not None else defaults.get("beta")
     if k is None or beta is None:
-        raise records.InputError(f"{version_dir}: the model card records no default k/beta; pass --k and --beta")
+        raise records.InputError(f"{version_dir}: export.json records no default k/beta; pass --k and --beta")
     k_max = defaults.get("k_max")
     if not 1 <= k <= (k_max or k):
         raise ValueError(f"--k must be in [1, {k_max}] (the export's k_max), got {k}")
     if beta != beta or beta in (float("inf"), float("-inf")):
         raise ValueError(f"--beta must be finite, got {beta}")
-    segments = inf.read_segments(version_dir)
-    labels = tuple(segment_profiles.labels_of(segments)) if segments else ()
+    segments = segments_doc.load_beside(version_dir)
+    labels = tuple(segments_doc.label_list(segments)) if segments else ()
     if not segments:
         _LOG.warning("%s has no segments.json: segment_label will be empty", version_dir)
     policy = config.policy or training_policy(version_dir)
-    return ModelInfo(version_dir, inf.model_version(version_dir), int(k), float(beta), labels, policy)
-
-
-_TRAINING_DATA = re.compile(r"Training data: `([^`]+)`")
+    return ModelInfo(version_dir, layout.model_version(version_dir), int(k), float(beta), labels, policy)
 
 
 def training_policy(version_dir: str) -> ex.ExamplePolicy:
-    """max_history / text_history of the dataset the export was trained on (its model card
+    """max_history / text_history of the dataset the export was trained on (export.json
     names the dataset dir, whose metadata.json records them); the defaults when unreadable."""
     import tensorflow as tf
 
     try:
-        with tf.io.gfile.GFile(FileSystems.join(version_dir, "model_card.md")) as f:
-            dataset_dir = _TRAINING_DATA.search(f.read()).group(1)
+        dataset_dir = layout.read_export_info(version_dir)["dataset_dir"]
         with tf.io.gfile.GFile(FileSystems.join(dataset_dir, features.METADATA_FILE)) as f:
             split = json.load(f)["split"]
         policy = ex.ExamplePolicy(max_history=int(split["max_history"]), text_history=int(split["text_history"]))

@@ -17,8 +17,8 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from beam_pipelines import examples as ex
-from beam_pipelines import readers, records
+from beam_pipelines.sources import readers, records
+from trainer.data import examples as ex
 
 DEAD = "dead_letter"
 COUNTS = "counts"

@@ -18,9 +18,10 @@ import tempfile
 import time
 
 import trainer  # noqa: F401
-from beam_pipelines import examples as ex
-from beam_pipelines import preprocess, readers, synthetic
+from beam_pipelines import preprocess
+from beam_pipelines.sources import readers, synthetic
 from bench import machine
+from trainer.data import examples as ex
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 

@@ -19,9 +19,10 @@ import tempfile
 import time
 
 import trainer  # noqa: F401
-from beam_pipelines import examples as ex
-from beam_pipelines import preprocess, readers, synthetic
+from beam_pipelines import preprocess
+from beam_pipelines.sources import readers, synthetic
 from bench import machine
+from trainer.data import examples as ex
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DEFAULT_ML100K = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ml-100k")
@@ -35,7 +36,8 @@ def _preprocess(sources, out: str, text_history: int, max_examples: int) -> dict
 
 
 def _train_eval(dataset: str, run: str, args, segments, id_epochs: int, compare_run=None, seed=None) -> tuple:
-    from trainer import evaluate, train
+    from trainer.evaluation import evaluate
+    from trainer.training import job as train
 
     tc = train.TrainConfig(dataset_dir=dataset, output_dir=run, encoder=args.encoder,
                            sequence_length=args.sequence_length, embedding_dim=args.embedding_dim,
@@ -57,9 +59,9 @@ def _throughput(dataset: str, run: str, args, steps: int) -> dict:
     """examples/s of train steps with the cached text vectors vs the frozen encoder in the graph."""
     import keras
 
-    from trainer import data as data_lib
-    from trainer import run_dir as rd
-    from trainer.text_encoder import TextCache
+    from trainer.data import tf_dataset as data_lib
+    from trainer.model import run_dir as rd
+    from trainer.model.text_encoder import TextCache
 
     cache = TextCache.load(rd.path(run, rd.TEXT_CACHE))
     model = rd.load_model(run)
@@ -102,7 +104,7 @@ def main(argv=None) -> dict:
                    help="recent titles in user_text; 0 = profile only (~1k distinct texts to encode on CPU)")
     p.add_argument("--max-examples-per-user", type=int, default=0)
     p.add_argument("--embedding-dim", type=int, default=64)
-    p.add_argument("--segments", default="8")
+    p.add_argument("--num-segments", default="8")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--warmup-epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=512)
@@ -120,7 +122,7 @@ def main(argv=None) -> dict:
     p.add_argument("--skip", default="", help="comma list of parts to skip: ml100k,generated,throughput")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
-    segments = args.segments if args.segments == "auto" else int(args.segments)
+    segments = args.num_segments if args.num_segments == "auto" else int(args.num_segments)
     work = args.work_dir or tempfile.mkdtemp(prefix="segrec-quality-")
     result = {"benchmark": "quality", "date": datetime.date.today().isoformat(), "machine": machine.describe(),
               "settings": {k: v for k, v in vars(args).items() if k not in ("work_dir", "results_dir")}}

@@ -5,7 +5,7 @@
 Synthetic clustered catalogs (unit vectors, d=64, drawn around `--centers`
 random unit Gaussian centers with per-dimension noise `--noise`, then
 renormalised); queries are drawn the same way (other samples). For each
-catalog size both `serving.index` indexes are built (BruteForceIndex: TF
+catalog size both `serving.export.index` indexes are built (BruteForceIndex: TF
 matmul + top_k; ScannIndex with ScannParams.for_catalog), the ScaNN index is
 tuned with `tune_leaves` to recall@10 >= `--target-recall` on separate tuning
 queries, then both are timed on the same `--queries` test queries, batched
@@ -25,12 +25,11 @@ import os
 import time
 
 import numpy as np
-
-import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 import tensorflow as tf
 
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 from bench import machine
-from serving import index as ix
+from serving.export import index as ix
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 K = 10

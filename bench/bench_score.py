@@ -25,16 +25,17 @@ import tempfile
 import time
 
 import trainer  # noqa: F401
-from beam_pipelines import readers, score, synthetic
+from beam_pipelines import score
+from beam_pipelines.sources import readers, synthetic
 from bench import machine
-from trainer import cli
+from trainer.cli import main as cli
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def build_model(work: str, users: int, encoder: str, seed: int) -> tuple:
     """Generated raw input dir, and the exported model's base path."""
-    from serving import export
+    from serving.export import exporter as export
 
     raw, ds, run, base = (os.path.join(work, n) for n in ("raw", "ds", "run", "models"))
     if not os.path.exists(os.path.join(base, "segrec")):
@@ -44,7 +45,7 @@ def build_model(work: str, users: int, encoder: str, seed: int) -> tuple:
         assert cli.main(["preprocess", "--input-dir", raw, "--output-dir", ds, "--overwrite",
                          "--max-examples-per-user", "2"]) == 0
         assert cli.main(["train", "--dataset-dir", ds, "--output-dir", run, "--encoder", encoder,
-                         "--embedding-dim", "32", "--segments", "6", "--epochs", "1", "--warmup-epochs", "0",
+                         "--embedding-dim", "32", "--num-segments", "6", "--epochs", "1", "--warmup-epochs", "0",
                          "--batch-size", "128", "--patience", "0", "--quiet"]) == 0
         export.export(export.ExportConfig(run_dir=run, base_path=base, index="brute_force"))
     return raw, base

@@ -29,9 +29,9 @@ import grpc
 import numpy as np
 
 from trainer import features
+from trainer.contracts import RECOMMEND_DEFAULTS, SERVING_DEFAULT  # noqa: F401
+from trainer.segments import document as segments_doc
 
-SERVING_DEFAULT = "serving_default"
-RECOMMEND_DEFAULTS = "recommend_defaults"
 SEGREC_METADATA = "segrec"
 
 
@@ -226,9 +226,7 @@ def _set_spec(spec, name: str, version_label: Optional[str], version: Optional[i
 
 
 def _labels_from_file(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        segments = json.load(f)
-    return {str(s.get("id", i)): s.get("label", f"segment {i}") for i, s in enumerate(segments.get("segments", []))}
+    return {str(k): v for k, v in segments_doc.labels(segments_doc.load(path)).items()}
 
 
 def format_recommendation(rec: Recommendation) -> str:

@@ -32,7 +32,7 @@ def ml100k() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_generated(tmp_path_factory) -> pathlib.Path:
     """A tiny seeded synthetic dataset with planted segments (generic CSV layout)."""
-    from beam_pipelines import synthetic
+    from beam_pipelines.sources import synthetic
 
     out = tmp_path_factory.mktemp("generated")
     synthetic.generate(synthetic.GenerateConfig(output_dir=str(out), size="tiny", seed=7))

@@ -11,9 +11,9 @@ import os
 import random
 from collections import Counter
 
-import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 import tensorflow as tf
 
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 from trainer import features
 
 GROUPS = {
@@ -120,7 +120,7 @@ def write_dataset(root: str, users: int = 30, per_user: int = 5, seed: int = 0, 
 
 
 def all_user_texts(root: str) -> list[str]:
-    from trainer import data
+    from trainer.data import tf_dataset as data
 
     return data.distinct_user_texts(root)
 
@@ -153,7 +153,7 @@ def user_texts(dataset_dir):
 
 
 def tiny_encoder(texts, trainable_layers: int = 0):
-    from trainer.text_encoder import TextEncoder
+    from trainer.model.text_encoder import TextEncoder
 
     return TextEncoder.tiny(
         texts, vocab_size=120, hidden=16, layers=2, heads=2, sequence_length=24, seed=0,

@@ -145,13 +145,12 @@ def as_cluster_spec(tf_config: dict) -> dict:
 
 
 def _train_tiny(out_dir: str) -> int:
-    import numpy as np
-
-    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before tensorflow)
     import keras
+    import numpy as np
     import tensorflow as tf
 
-    from trainer import distribution
+    import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before tensorflow)
+    from trainer.training import distribution
 
     keras.utils.set_random_seed(0)
     # Before any other op: MultiWorkerMirroredStrategy configures collectives.

@@ -1,10 +1,11 @@
-"""Tests of trainer.baselines: popularity, EASE, ID two-tower."""
+"""Tests of trainer.evaluation.baselines: popularity, EASE, ID two-tower."""
 
 import numpy as np
 import pytest
 
 import trainer  # noqa: F401  (TF_USE_LEGACY_KERAS before tensorflow)
-from trainer import baselines, metrics
+from trainer.evaluation import baselines
+from trainer.evaluation import ranking as metrics
 
 
 def _planted(seed=0, n_groups=3, users_per_group=20, items_per_group=10, train_per_user=12):

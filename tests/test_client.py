@@ -13,8 +13,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-
 from test_server import build_tiny_export, copy_base, direct_call, item_ids, users
+
 from trainer import features as F
 
 TOKEN = "s3cret"
@@ -22,7 +22,7 @@ TOKEN = "s3cret"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_generated):
-    from serving import server as srv
+    from serving.server import grpc_server as srv
 
     export_dir = build_tiny_export(tmp_path_factory, tiny_generated)
     base = copy_base(export_dir, tmp_path_factory.mktemp("client_base"))
@@ -107,7 +107,7 @@ def test_concurrent_requests_with_different_knobs_share_a_call_and_answer_as_alo
 
 
 def test_token_is_required_and_bad_requests_are_not_retried(server):
-    from serving.client import RecommendError, RecommenderClient
+    from serving.client import RecommenderClient, RecommendError
 
     with RecommenderClient(server["target"], timeout=5) as anonymous:
         with pytest.raises(RecommendError) as err:
@@ -176,7 +176,7 @@ def test_retries_on_unavailable_only(failures, code, calls, ok, tmp_path):
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    from serving.client import RecommendError, RecommenderClient
+    from serving.client import RecommenderClient, RecommendError
 
     fake = _Flaky(failures, code)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
@@ -203,8 +203,9 @@ def test_retries_on_unavailable_only(failures, code, calls, ok, tmp_path):
 
 
 def test_deadline_against_nothing_listening():
-    from serving.client import RecommendError, RecommenderClient
     from test_server import free_port
+
+    from serving.client import RecommenderClient, RecommendError
 
     start = time.time()
     with RecommenderClient(f"127.0.0.1:{free_port()}", timeout=0.5, retries=1, backoff=0.01,
@@ -216,7 +217,7 @@ def test_deadline_against_nothing_listening():
 
 
 def test_cli_recommend_prints_a_table(server, monkeypatch, capsys):
-    from trainer import cli
+    from trainer.cli import main as cli
 
     monkeypatch.setenv("SEGREC_TOKEN", TOKEN)
     code = cli.main(["recommend", "--target", server["target"], "--user-text", "loves hiking",

@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
+from model_fixtures import clear_keras_session, dataset_dir, tiny_encoder, user_texts  # noqa: F401
 
 import trainer  # noqa: F401
-import tensorflow as tf
-
-from model_fixtures import clear_keras_session, dataset_dir, user_texts, tiny_encoder  # noqa: F401
-from trainer import data, features
-from trainer.text_encoder import TextCache
+from trainer import features
+from trainer.data import tf_dataset as data
+from trainer.model.text_encoder import TextCache
 
 pytestmark = pytest.mark.usefixtures("clear_keras_session")
 

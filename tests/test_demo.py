@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer import cli
+from trainer.cli import main as cli
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import trainer  # noqa: F401
-from trainer import distribution
-from trainer.distribution import ClusterError
+from trainer.training import distribution
+from trainer.training.distribution import ClusterError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

@@ -1,4 +1,4 @@
-"""trainer.evaluate on a tiny trained run (the planted three-group fixture)."""
+"""trainer.evaluation.evaluate on a tiny trained run (the planted three-group fixture)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import dataclasses
 import json
 import os
 
+import model_fixtures as mf
 import numpy as np
 import pytest
-
-import trainer  # noqa: F401
 import tensorflow as tf
 
-import model_fixtures as mf
-from trainer import baselines, data, evaluate, features, metrics, report, training
-from trainer import dataset_arrays as da
-from trainer import run_dir as rd
+import trainer  # noqa: F401
+from trainer import features
+from trainer.data import arrays as da
+from trainer.data import tf_dataset as data
+from trainer.evaluation import baselines, evaluate, report
+from trainer.evaluation import ranking as metrics
+from trainer.model import run_dir as rd
+from trainer.training import fit as training
 
 TINY_BASELINES = (("id_two_tower", {"epochs": 1, "embedding_dim": 8, "batch_size": 32}),)
 KS = (3, 10)
@@ -54,8 +57,8 @@ def trained_run(tmp_path_factory):
     """A run dir as `segrec train` leaves it: tiny model, 1 warm-up + 6 joint epochs (a few seconds)."""
     import keras
 
-    from trainer.model import SegRecModel
-    from trainer.text_encoder import TextCache
+    from trainer.model.segrec_model import SegRecModel
+    from trainer.model.text_encoder import TextCache
 
     keras.utils.set_random_seed(0)
     root = tmp_path_factory.mktemp("eval")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from beam_pipelines import examples as ex
 from trainer import features as F
+from trainer.data import examples as ex
 
 E = ex.Event
 TITLES = {"a": "Alpha", "b": "Beta", "c": "Gamma", "d": "Delta", "e": "Epsilon"}

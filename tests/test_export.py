@@ -10,10 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from trainer import cli
+from serving.export import layout
+from trainer import contracts
 from trainer import features as F
+from trainer.cli import main as cli
+from trainer.segments import document as segments_doc
 
-TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--segments", "4", "--epochs", "1", "--warmup-epochs", "0",
+TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--num-segments", "4", "--epochs", "1", "--warmup-epochs", "0",
               "--batch-size", "64", "--recall-k", "10", "--quiet"]
 BETA = 0.5  # the run's --beta default, so the exports' default beta
 slow = pytest.mark.slow  # every test on the trained run dir (a ~30 s module fixture)
@@ -31,7 +34,7 @@ def trained(tiny_generated, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(trained, tmp_path_factory):
     """brute_force as version 1, then scann as version 2, into one base path."""
-    from serving import export as ex
+    from serving.export import exporter as ex
 
     base = tmp_path_factory.mktemp("models")
     bf = ex.export(ex.ExportConfig(run_dir=str(trained), base_path=str(base), index="brute_force"))
@@ -42,8 +45,8 @@ def exports(trained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(trained):
     """The in-memory model, its catalog embeddings and a batch of eval users."""
-    from trainer import dataset_arrays as da
-    from trainer import run_dir as rd
+    from trainer.data import arrays as da
+    from trainer.model import run_dir as rd
 
     run = rd.load_run(str(trained))
     split = da.load_split(run.dataset_dir, "eval")
@@ -66,9 +69,8 @@ def _expected_top(run, embeddings, batch, k, beta):
 
 
 def _load(summary):
-    from serving import export as ex
 
-    return ex.load_exported(summary.version_dir)
+    return layout.load_exported(summary.version_dir)
 
 
 def _request(batch, k, beta):
@@ -88,13 +90,12 @@ def _ids(tensor):
 
 @slow
 def test_versions_increment_and_files_sit_beside_the_model(exports, trained):
-    from serving import export as ex
 
     assert (exports["brute_force"].version, exports["scann"].version) == (1, 2)
-    assert ex.existing_versions(str(exports["base"])) == [1, 2]
+    assert layout.existing_versions(str(exports["base"])) == [1, 2]
     for kind in ("brute_force", "scann"):
         vdir = exports["base"] / "segrec" / str(exports[kind].version)
-        assert (vdir / "saved_model.pb").exists() and (vdir / ex.WARMUP_FILE).exists()
+        assert (vdir / "saved_model.pb").exists() and (vdir / contracts.WARMUP_FILE).exists()
         assert json.loads((vdir / "segments.json").read_text()) == json.loads((trained / "segments.json").read_text())
         card = (vdir / "model_card.md").read_text()
         assert "Recall@10 vs brute force" in card and f"Kind: {kind}" in card
@@ -235,9 +236,8 @@ def test_warmup_file_holds_prediction_logs_the_model_answers(exports):
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
-    from serving import export as ex
 
-    path = exports["scann"].version_dir + "/" + ex.WARMUP_FILE
+    path = exports["scann"].version_dir + "/" + contracts.WARMUP_FILE
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
     assert logs
     fn = _load(exports["scann"]).signatures["serving_default"]
@@ -269,7 +269,7 @@ def test_existing_version_is_not_overwritten(exports, trained, capsys):
 
 @slow
 def test_segments_override_replaces_centroids(trained, reference, tmp_path):
-    from serving import export as ex
+    from serving.export import exporter as ex
 
     run, _, batch = reference
     segments = json.loads((trained / "segments.json").read_text())
@@ -294,8 +294,8 @@ def test_segments_override_replaces_centroids(trained, reference, tmp_path):
     np.testing.assert_array_equal(sigs["serving_default"](**_request(batch, 3, BETA))[F.SEGMENT_ID].numpy(), want)
     # A bare {"centroids": [K][d]} document works too.
     centroids = np.array([by_id[i]["centroid"] for i in range(k)])[perm]
-    np.testing.assert_allclose(ex.segment_centroids({"centroids": centroids.tolist()}, "x.json"),
-                               ex.segment_centroids(refreshed, "y.json"), atol=1e-6)
+    np.testing.assert_allclose(segments_doc.centroids({"centroids": centroids.tolist()}, "x.json"),
+                               segments_doc.centroids(refreshed, "y.json"), atol=1e-6)
 
 
 @slow
@@ -310,11 +310,11 @@ def test_segments_override_with_the_wrong_shape_fails_naming_the_file(trained, t
     for name, doc in cases.items():
         (tmp_path / name).write_text(json.dumps(doc))
         code = cli.main(["export", "--run-dir", str(trained), "--base-path", str(tmp_path / "m"),
-                         "--index", "brute_force", "--segments", str(tmp_path / name)])
+                         "--index", "brute_force", "--segments-file", str(tmp_path / name)])
         err = capsys.readouterr().err
         assert code == 2 and name in err and want[name] in err, err
     code = cli.main(["export", "--run-dir", str(trained), "--base-path", str(tmp_path / "m"),
-                     "--segments", str(tmp_path / "missing.json")])
+                     "--segments-file", str(tmp_path / "missing.json")])
     assert code == 2 and "missing.json: no such file" in capsys.readouterr().err
     assert not (tmp_path / "m" / "segrec" / "1").exists()
 
@@ -322,7 +322,7 @@ def test_segments_override_with_the_wrong_shape_fails_naming_the_file(trained, t
 def test_scann_recall_against_brute_force_on_a_synthetic_index():
     import tensorflow as tf
 
-    from serving import index as ix
+    from serving.export import index as ix
 
     rng = np.random.default_rng(0)
     items = rng.normal(size=(2000, 32)).astype(np.float32)

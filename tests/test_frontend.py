@@ -10,11 +10,11 @@ import json
 import pathlib
 
 import pytest
-
-from beam_pipelines import examples
-from serving import frontend
 from test_server import build_tiny_export
+
+from serving.frontend import app as frontend
 from trainer import features as F
+from trainer.data import examples
 
 MAX_STRING_MB = 0.5  # the server's limit on one string, so a too-large profile stays small
 
@@ -32,7 +32,7 @@ def dataset_dir_of(export_dir: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(export_dir, tmp_path_factory):
-    from serving.launch import ServerProcess
+    from serving.server.launch import ServerProcess
 
     base = str(pathlib.Path(export_dir).parents[1])
     log = tmp_path_factory.mktemp("frontend_serve") / "serve.log"
@@ -87,7 +87,7 @@ def test_users_are_listed_and_searchable(api, export_dir):
 
 @pytest.mark.integration
 def test_items_search_by_title_and_id(api, export_dir):
-    from trainer import data
+    from trainer.data import tf_dataset as data
 
     catalog = data.load_catalog(dataset_dir_of(export_dir))
     item_id, title = catalog.item_ids[0], catalog.titles[0]
@@ -193,7 +193,7 @@ def test_page_and_static_files_are_served(api):
 def test_server_down_is_a_503_with_the_grpc_message(tmp_path):
     from fastapi.testclient import TestClient
 
-    from serving.launch import free_port
+    from serving.server.launch import free_port
 
     config = frontend.FrontendConfig(target=f"127.0.0.1:{free_port()}", timeout=2, retries=1)
     with TestClient(frontend.create_app(config)) as api:
@@ -206,7 +206,7 @@ def test_server_down_is_a_503_with_the_grpc_message(tmp_path):
 
 
 def test_load_dataset_lists_users_as_of_now(export_dir):
-    from trainer import dataset_arrays as da
+    from trainer.data import arrays as da
 
     ds = dataset_dir_of(export_dir)
     ev = da.load_split(ds, "eval")
@@ -279,7 +279,7 @@ def test_natural_order_of_user_ids():
 
 
 def test_cli_rejects_a_missing_dataset_dir(tmp_path, capsys):
-    from trainer import cli
+    from trainer.cli import main as cli
 
     assert cli.main(["frontend", "--dataset-dir", str(tmp_path / "nope")]) == 2
     assert "--dataset-dir" in capsys.readouterr().err

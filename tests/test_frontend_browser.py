@@ -14,10 +14,10 @@ import threading
 import time
 
 import pytest
-
-from serving import frontend
-from serving.launch import free_port
 from test_frontend import dataset_dir_of, export_dir, served  # noqa: F401  (module fixtures)
+
+from serving.frontend import app as frontend
+from serving.server.launch import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # No sandbox (containers), no GPU, and nothing that reaches out to the network.

@@ -1,4 +1,4 @@
-"""Tests of trainer.metrics against hand-worked values."""
+"""Tests of trainer.evaluation.ranking against hand-worked values."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 import trainer  # noqa: F401  (sets the environment before anything imports tensorflow)
-from trainer import metrics
+from trainer.evaluation import ranking as metrics
 
 
 def _table_fn(table):

@@ -1,14 +1,21 @@
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+from model_fixtures import (  # noqa: F401
+    TINY_MODEL,
+    clear_keras_session,
+    dataset_dir,
+    tiny_encoder,
+    user_texts,
+)
 
 import trainer  # noqa: F401
-import tensorflow as tf
-import keras
-
-from model_fixtures import TINY_MODEL, clear_keras_session, dataset_dir, tiny_encoder, user_texts  # noqa: F401
-from trainer import data, features, training
-from trainer.model import SegRecModel
-from trainer.text_encoder import TextCache
+from trainer import features
+from trainer.data import tf_dataset as data
+from trainer.model.segrec_model import SegRecModel
+from trainer.model.text_encoder import TextCache
+from trainer.training import fit as training
 
 pytestmark = pytest.mark.usefixtures("clear_keras_session")
 
@@ -140,7 +147,7 @@ def test_with_num_segments_keeps_towers(dataset_dir, user_texts, catalog):
 
 
 def test_mixed_precision_keeps_outputs_and_losses_float32(dataset_dir, user_texts, catalog, monkeypatch):
-    import trainer.model as model_lib
+    import trainer.model.segrec_model as model_lib
 
     if not tf.config.list_physical_devices("GPU"):
         assert model_lib.compute_policy(True) == "float32"
@@ -160,13 +167,13 @@ def test_mixed_precision_keeps_outputs_and_losses_float32(dataset_dir, user_text
 def test_model_with_pretrained_minilm_round_trips_through_a_run_dir(tmp_path):
     """The saved config names the package preset; reloading it must not trip Keras' safe mode."""
     import numpy as np
-
     from model_fixtures import write_dataset
-    from trainer import data as data_lib
+
     from trainer import features as F
-    from trainer import run_dir as rd
-    from trainer.model import SegRecModel
-    from trainer.text_encoder import TextEncoder
+    from trainer.data import tf_dataset as data_lib
+    from trainer.model import run_dir as rd
+    from trainer.model.segrec_model import SegRecModel
+    from trainer.model.text_encoder import TextEncoder
 
     root = write_dataset(str(tmp_path / "ds"), users=6, per_user=3)
     catalog = data_lib.load_catalog(root)

@@ -1,4 +1,4 @@
-"""Tests for beam_pipelines.movielens: local copies, verified downloads, safe extraction (offline)."""
+"""Tests for beam_pipelines.sources.download: local copies, verified downloads, safe extraction (offline)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import zipfile
 
 import pytest
 
-from beam_pipelines import movielens, records
+from beam_pipelines.sources import download as movielens
+from beam_pipelines.sources import records
 
 ML100K_FILES = {"u.data": b"1\t2\t5\t881250949\n", "u.item": b"", "u.user": b"", "u.genre": b"unknown|0\n"}
 

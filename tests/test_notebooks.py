@@ -15,7 +15,6 @@ import pathlib
 import subprocess
 
 import pytest
-
 from conftest import REPO, ml100k_dir
 
 NOTEBOOKS = REPO / "notebooks"
@@ -38,7 +37,7 @@ SMALL_SERVING = {
 }
 
 
-def execute(name: str, env: dict, monkeypatch) -> "nbformat.NotebookNode":
+def execute(name: str, env: dict, monkeypatch):
     """Runs notebooks/<name> in a fresh python3 kernel with cwd notebooks/ and `env` set.
 
     Raises nbclient's CellExecutionError (the failing cell and its traceback) on

@@ -9,10 +9,10 @@ import os
 
 import pytest
 
-from beam_pipelines import examples as ex
-from beam_pipelines import preprocess, readers
-from trainer import cli
+from beam_pipelines.sources import readers
 from trainer import features as F
+from trainer.cli import main as cli
+from trainer.data import examples as ex
 
 
 def read_examples(pattern: str) -> list:

@@ -1,4 +1,4 @@
-"""Tests for beam_pipelines.readers (and readers_movielens): files -> records or RowError."""
+"""Tests for beam_pipelines.sources.readers (and readers_movielens): files -> records or RowError."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from beam_pipelines import readers, records
+from beam_pipelines.sources import readers, records
 
 DATA = pathlib.Path(__file__).parent / "data"
 BAD_ROWS = DATA / "bad_rows"

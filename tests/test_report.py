@@ -1,4 +1,4 @@
-"""Tests of trainer.report: every file is written and holds what it should."""
+"""Tests of trainer.evaluation.report: every file is written and holds what it should."""
 
 import json
 import os
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import trainer  # noqa: F401
-from trainer import metrics, report
-from trainer import segment_quality as sq
+from trainer.evaluation import ranking as metrics
+from trainer.evaluation import report
+from trainer.segments import quality as sq
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -115,7 +116,7 @@ def test_write_report_leaves_the_matplotlib_backend_alone(tmp_path):
         import sys
         import matplotlib
         import trainer
-        from trainer import report
+        from trainer.evaluation import report
         before = matplotlib.get_backend()
         paths = report.write_report(sys.argv[1], {}, segment_sizes=[3, 5], segment_labels=["a", "b"],
                                     user_embeddings_2d=[[0, 0], [1, 1], [2, 0]], user_labels=[0, 1, 1])

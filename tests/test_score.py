@@ -14,20 +14,21 @@ import json
 import os
 import pathlib
 
+import apache_beam as beam
 import numpy as np
 import pytest
-
-import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-
-from beam_pipelines import examples as ex
-from beam_pipelines import inference as inf
-from beam_pipelines import readers, records, score
-from beam_pipelines import transforms as T
-from trainer import cli
-from trainer import features as F
 from test_server import build_tiny_export
+
+from beam_pipelines import inference as inf
+from beam_pipelines import score
+from beam_pipelines import transforms as T
+from beam_pipelines.sources import readers, records
+from serving.export import layout
+from trainer import features as F
+from trainer.cli import main as cli
+from trainer.data import examples as ex
 
 K, BETA = 5, 0.3
 
@@ -60,7 +61,7 @@ def _records(p, sources) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _loaded(version_dir):
-    from serving import export
+    from serving.export import exporter as export
 
     return export.load_exported(version_dir)
 
@@ -99,12 +100,12 @@ def test_batch_inputs_pad_history_and_shape_knobs_like_the_signature():
 
 
 def test_resolve_version_dir(export_dir, base_path, tmp_path):
-    assert inf.resolve_version_dir(export_dir) == export_dir
-    assert inf.resolve_version_dir(base_path) == export_dir
-    assert inf.resolve_version_dir(os.path.join(base_path, "segrec")) == export_dir
-    with pytest.raises(records.InputError, match="segrec export"):
-        inf.resolve_version_dir(str(tmp_path))
-    defaults = inf.export_defaults(export_dir)
+    assert layout.resolve_version_dir(export_dir) == export_dir
+    assert layout.resolve_version_dir(base_path) == export_dir
+    assert layout.resolve_version_dir(os.path.join(base_path, "segrec")) == export_dir
+    with pytest.raises(layout.NoExportError, match="segrec export"):
+        layout.resolve_version_dir(str(tmp_path))
+    defaults = layout.read_export_info(export_dir)
     assert defaults["k"] >= 1 and defaults["k_max"] >= defaults["k"] and np.isfinite(defaults["beta"])
 
 
@@ -139,7 +140,7 @@ def test_queries_equal_preprocess_eval_queries(tiny_generated, base_path, tmp_pa
     """Preprocess (leave-last-1) built each user's eval query from every event but the last;
     BuildUserQueries over the same input minus each user's last event builds the same query
     (both come from examples.query_features)."""
-    from trainer import dataset_arrays as da
+    from trainer.data import arrays as da
 
     rows = list(csv.DictReader(open(tiny_generated / "interactions.csv", encoding="utf-8")))
     by_user = {}
@@ -326,7 +327,7 @@ def test_cli_dead_letters_bad_users(bad_users, base_path, tmp_path):
 
 
 def test_cli_scores_a_dataset_dir_from_its_newest_queries(export_dir, base_path, tmp_path):
-    from trainer import dataset_arrays as da
+    from trainer.data import arrays as da
 
     ds = pathlib.Path(base_path).parent / "ds"  # what build_tiny_export preprocessed
     out = tmp_path / "scores"
@@ -393,7 +394,7 @@ def reject_users(monkeypatch, rejected) -> None:
 
 def _eval_queries(base_path) -> list:
     """build_tiny_export's eval queries (50 users), as UserQuery."""
-    from trainer import dataset_arrays as da
+    from trainer.data import arrays as da
 
     split = da.load_split(str(pathlib.Path(base_path).parent / "ds"), "eval")
     return [inf.UserQuery(str(u), str(t), tuple(str(h) for h in hist))

@@ -1,11 +1,11 @@
-"""Tests of trainer.segment_drift: centroid updates, migration, PSI, verdict (values by hand)."""
+"""Tests of trainer.segments.drift: centroid updates, migration, PSI, verdict (values by hand)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from trainer import segment_drift as sd
+from trainer.segments import drift as sd
 
 
 def test_assign_by_max_cosine_ignores_norms():

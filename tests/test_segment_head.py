@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
-
-import trainer  # noqa: F401
 import tensorflow as tf
+from model_fixtures import clear_keras_session  # noqa: F401
 from sklearn.metrics import adjusted_rand_score
 
-from model_fixtures import clear_keras_session  # noqa: F401
-from trainer.segment_head import SegmentHead, choose_k, kmeans
+import trainer  # noqa: F401
+from trainer.model.segment_head import SegmentHead, choose_k, kmeans
 
 pytestmark = pytest.mark.usefixtures("clear_keras_session")
 

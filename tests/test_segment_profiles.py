@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from trainer import segment_profiles as sp
+from trainer.segments import profiles as sp
 
 
 def make_inputs():

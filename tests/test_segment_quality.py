@@ -1,4 +1,4 @@
-"""Tests of trainer.segment_quality on planted blobs."""
+"""Tests of trainer.segments.quality on planted blobs."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import trainer  # noqa: F401
-from trainer import segment_quality as sq
+from trainer.segments import quality as sq
 
 
 def _blobs(n_per=40, d=8, seed=0, spread=0.05):

@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from beam_pipelines import synthetic
-from trainer import cli
+from beam_pipelines.sources import synthetic
+from trainer.cli import main as cli
 
 pytestmark = pytest.mark.slow
 
 DATA = dict(size="small", num_users=240, num_items=120, num_interactions=4800, num_segments=3, seed=5)
-TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--segments", "3", "--epochs", "3", "--warmup-epochs", "1",
+TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--num-segments", "3", "--epochs", "3", "--warmup-epochs", "1",
          "--batch-size", "64", "--recall-k", "10", "--quiet"]
 AS_OF = synthetic.START_TIMESTAMP + 2 * synthetic.SPAN_SECONDS  # end of period 2
 WINDOW = ["--as-of", str(AS_OF), "--window-days", "366", "--min-segment-users", "10"]
@@ -35,7 +35,7 @@ WINDOW = ["--as-of", str(AS_OF), "--window-days", "366", "--min-segment-users", 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from serving import export as ex
+    from serving.export import exporter as ex
 
     root = tmp_path_factory.mktemp("refresh")
     synthetic.generate(synthetic.GenerateConfig(output_dir=str(root / "p1"), **DATA))
@@ -111,7 +111,7 @@ def test_no_drift_no_flag_and_bad_input_is_counted(world):
     assert len(parquet) == 240 and list(parquet.columns) == ["user_id", "previous_segment", "segment", "similarity"]
 
     # The new segments: versioned, old one kept, same centroid format as the model's.
-    from trainer import segment_profiles as sp
+    from trainer.segments import profiles as sp
 
     new, old = sp.load(str(out / "segments-v1.json")), sp.load(str(out / "segments-v0.json"))
     assert sp.centroids_of(new).shape == sp.centroids_of(old).shape == (3, 16)
@@ -132,7 +132,7 @@ def test_no_drift_no_flag_and_bad_input_is_counted(world):
 
 
 def test_report_on_a_refresh(world):
-    from trainer import segments_report as rep
+    from trainer.segments import segment_report as rep
 
     out = world / "ref_drift"
     if not (out / "segments.json").exists():
@@ -156,10 +156,11 @@ def test_bad_refresh_inputs(world, capsys):
 def test_users_the_model_rejects_are_dead_lettered_in_both_windows(tmp_path_factory, tiny_generated, monkeypatch):
     """test_server's tiny export over its own data: one user of each window fails inference (as an
     in-graph assert would fail their batch); they are dead-lettered and counted, nobody else is lost."""
-    from beam_pipelines import inference as inf
-    from beam_pipelines import refresh
     from test_score import reject_users
     from test_server import build_tiny_export
+
+    from beam_pipelines import inference as inf
+    from beam_pipelines import refresh
 
     export_dir = build_tiny_export(tmp_path_factory, tiny_generated)
     events = pd.read_csv(tiny_generated / "interactions.csv", dtype={"user_id": str})

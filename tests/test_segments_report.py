@@ -1,4 +1,4 @@
-"""Tests of trainer.segments_report: every file is written, small segments are hidden everywhere."""
+"""Tests of trainer.segments.segment_report: every file is written, small segments are hidden everywhere."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import trainer  # noqa: F401
-from trainer import segment_profiles as sp
-from trainer import segments_report as rep
+from trainer.segments import profiles as sp
+from trainer.segments import segment_report as rep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Three blobs: 40 hikers, 30 cooks, 6 gamers; a gamer-only category marks the small one.
@@ -112,7 +112,7 @@ def test_write_report_leaves_the_matplotlib_backend_alone(tmp_path):
         import sys
         import matplotlib
         import trainer
-        from trainer import segments_report
+        from trainer.segments import segment_report as segments_report
         before = matplotlib.get_backend()
         paths = segments_report.write_report(sys.argv[1] + "/s.json", sys.argv[1] + "/r",
                                              embeddings=sys.argv[1] + "/emb.npz", min_segment_users=3)

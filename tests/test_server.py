@@ -22,10 +22,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from serving.launch import ServerProcess, free_port, health_status  # noqa: F401  (free_port: test_client imports it)
+from serving.server.launch import ServerProcess, free_port, health_status  # noqa: F401  (free_port: test_client imports it)
 from trainer import features as F
 
-TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--segments", "4", "--epochs", "1", "--warmup-epochs", "0",
+TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--num-segments", "4", "--epochs", "1", "--warmup-epochs", "0",
               "--batch-size", "64", "--recall-k", "10", "--quiet"]
 MAX_BATCH = 16
 MAX_STRING_MB = 0.5
@@ -38,8 +38,8 @@ def build_tiny_export(tmp_path_factory, generated) -> str:
     root = tmp_path_factory.getbasetemp() / "serve_tiny_export"
     done = root / "done"
     if not done.exists():
-        from serving import export as ex
-        from trainer import cli
+        from serving.export import exporter as ex
+        from trainer.cli import main as cli
 
         ds, run = root / "ds", root / "run"
         assert cli.main(["preprocess", "--input-dir", str(generated), "--output-dir", str(ds)]) == 0
@@ -78,7 +78,7 @@ def users(ids, n=5, seed=0):
 
 @functools.lru_cache(maxsize=2)
 def _loaded(version_dir):
-    from serving import export as ex
+    from serving.export import exporter as ex
 
     return ex.load_exported(version_dir)
 
@@ -302,7 +302,11 @@ def test_random_requests_never_crash_the_server(served, stub):
 @integration
 def test_metadata_status_and_labels(served, stub):
     import grpc
-    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc)
+    from tensorflow_serving.apis import (
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+    )
 
     req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     req.model_spec.name = "segrec"
@@ -473,7 +477,7 @@ AUTH = (("authorization", f"Bearer {DRILL_TOKEN}"),)
 
 @integration
 def test_tls_with_token(drill):
-    from serving.client import RecommendError, RecommenderClient
+    from serving.client import RecommenderClient, RecommendError
 
     user = users(drill["ids"], n=1)[0]
     want = direct_call(drill["export"], [user], 4, 0.5)
@@ -581,7 +585,7 @@ def _until(condition, what):
 
 def test_batcher_runs_a_lone_request_at_once():
     """Idle model: a lone request runs at once, not after the (2 s) batch timeout."""
-    from serving import batching
+    from serving.server import batching
 
     for threads in (1, 2):
         gate = _Gate(closed=False)
@@ -595,7 +599,7 @@ def test_batcher_runs_a_lone_request_at_once():
 def test_batcher_merges_what_arrives_while_the_model_is_busy():
     """Requests that arrive during a call go together into the next one: history
     padded with "", different k / beta merged, each answer cut to its own k."""
-    from serving import batching
+    from serving.server import batching
 
     gate = _Gate()
     b = batching.Batcher(gate, max_batch_size=8, timeout_s=0.0, max_queue=10)
@@ -629,7 +633,7 @@ def test_batcher_merges_what_arrives_while_the_model_is_busy():
 def test_batcher_with_two_threads_fills_or_times_out_while_busy():
     """Model busy on one thread: the free thread runs a batch once it is full, or
     once the oldest request has waited the timeout."""
-    from serving import batching
+    from serving.server import batching
 
     gate = _Gate()
     b = batching.Batcher(gate, max_batch_size=3, timeout_s=60.0, max_queue=10, num_threads=2)
@@ -656,7 +660,7 @@ def test_batcher_with_two_threads_fills_or_times_out_while_busy():
 
 
 def test_batcher_queue_is_bounded_and_stop_answers_the_queued():
-    from serving import batching
+    from serving.server import batching
 
     gate = _Gate()
     b = batching.Batcher(gate, max_batch_size=1, timeout_s=0.0, max_queue=2)
@@ -674,7 +678,7 @@ def test_batcher_queue_is_bounded_and_stop_answers_the_queued():
 
 
 def test_batcher_retries_a_failed_merged_call_one_by_one():
-    from serving import batching
+    from serving.server import batching
 
     gate = _Gate()
 
@@ -698,7 +702,7 @@ def test_batcher_retries_a_failed_merged_call_one_by_one():
 
 
 def test_model_manager_keeps_the_old_version_when_a_new_one_fails(tmp_path):
-    from serving import model_manager as mm
+    from serving.server import model_manager as mm
 
     def loader(path, version):
         if "bad" in open(os.path.join(path, "saved_model.pb")).read():
@@ -738,7 +742,7 @@ def test_model_manager_keeps_the_old_version_when_a_new_one_fails(tmp_path):
 
 
 def test_parse_labels():
-    from serving import server
+    from serving.server import grpc_server as server
 
     assert server.parse_labels("stable=1, canary=2") == (("stable", 1), ("canary", 2))
     assert server.parse_labels("") == ()

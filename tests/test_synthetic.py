@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from beam_pipelines import synthetic
-from beam_pipelines.synthetic import SIZES, GenerateConfig, generate
+from beam_pipelines.sources import synthetic
+from beam_pipelines.sources.synthetic import SIZES, GenerateConfig, generate
 
 FILES = ("interactions", "items", "users", "segments_truth", "generator")
 

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
+import tensorflow as tf
+from model_fixtures import clear_keras_session, dataset_dir, tiny_encoder, user_texts  # noqa: F401
 
 import trainer  # noqa: F401
-import tensorflow as tf
-
-from model_fixtures import clear_keras_session, dataset_dir, user_texts, tiny_encoder  # noqa: F401
-from trainer.text_encoder import RESERVED_TOKENS, TextCache, TextEncoder
+from trainer.model.text_encoder import RESERVED_TOKENS, TextCache, TextEncoder
 
 pytestmark = pytest.mark.usefixtures("clear_keras_session")
 

@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
+import tensorflow as tf
+from model_fixtures import clear_keras_session, dataset_dir  # noqa: F401
 
 import trainer  # noqa: F401
-import tensorflow as tf
-import keras
-
-from model_fixtures import clear_keras_session, dataset_dir  # noqa: F401
-from trainer import data, features
-from trainer.towers import ItemTower, UserTower, item_tokens
+from trainer import features
+from trainer.data import tf_dataset as data
+from trainer.model.towers import ItemTower, UserTower, item_tokens
 
 pytestmark = pytest.mark.usefixtures("clear_keras_session")
 

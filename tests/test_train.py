@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from trainer import cli
-from trainer import run_dir as rd
+from trainer.cli import main as cli
+from trainer.model import run_dir as rd
 
-TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--segments", "4", "--epochs", "2", "--warmup-epochs", "1",
+TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--num-segments", "4", "--epochs", "2", "--warmup-epochs", "1",
               "--batch-size", "64", "--recall-k", "10", "--quiet"]
 
 
@@ -51,8 +51,8 @@ def test_train_writes_a_complete_run_dir(trained):
 def test_reloaded_run_gives_the_same_outputs(trained):
     import numpy as np
 
-    from trainer import dataset_arrays as da
     from trainer import features as F
+    from trainer.data import arrays as da
 
     run = rd.load_run(str(trained))
     split = da.load_split(run.dataset_dir, "eval")
@@ -86,7 +86,7 @@ def test_bad_train_flags_are_user_errors(tmp_path, capsys):
     assert cli.main(["train", "--dataset-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "r")]) == 2
     assert "preprocess" in capsys.readouterr().err
     assert cli.main(["train", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"),
-                     "--segments", "auto", "--warmup-epochs", "0"]) == 2
+                     "--num-segments", "auto", "--warmup-epochs", "0"]) == 2
     assert "warmup" in capsys.readouterr().err
 
 
@@ -95,7 +95,7 @@ def test_training_resumes_after_being_killed(dataset, tmp_path):
     """Kill `segrec train` after its first joint epoch is backed up; the rerun continues from there."""
     run = tmp_path / "run"
     base = [sys.executable, "-m", "trainer.task", "--dataset-dir", str(dataset), "--output-dir", str(run),
-            "--encoder", "tiny", "--embedding-dim", "8", "--segments", "3", "--warmup-epochs", "1",
+            "--encoder", "tiny", "--embedding-dim", "8", "--num-segments", "3", "--warmup-epochs", "1",
             "--batch-size", "32", "--patience", "0", "--quiet"]
     args = base + ["--epochs", "40"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -133,7 +133,7 @@ def test_two_worker_processes_train_the_real_model(dataset, tmp_path):
 
     def cmd(i):
         return [sys.executable, "-m", "trainer.task", "--dataset-dir", str(dataset), "--output-dir", str(run),
-                "--encoder", "tiny", "--embedding-dim", "8", "--segments", "3", "--epochs", "2",
+                "--encoder", "tiny", "--embedding-dim", "8", "--num-segments", "3", "--epochs", "2",
                 "--warmup-epochs", "1", "--batch-size", "32", "--patience", "0", "--quiet"]
 
     results = run_workers(cmd, num_workers=2, timeout=300, env_extra={"CUDA_VISIBLE_DEVICES": "-1"})
@@ -150,7 +150,7 @@ def test_two_worker_processes_train_the_real_model(dataset, tmp_path):
 def test_segments_auto_picks_k_by_silhouette_and_records_the_sweep(dataset, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--dataset-dir", str(dataset), "--output-dir", str(run), "--encoder", "tiny", "--embedding-dim", "8",
-            "--segments", "auto", "--segments-range", "2-4", "--epochs", "1", "--warmup-epochs", "1", "--batch-size", "64",
+            "--num-segments", "auto", "--num-segments-range", "2-4", "--epochs", "1", "--warmup-epochs", "1", "--batch-size", "64",
             "--quiet"]
     assert cli.main(args) == 0
     sweep = json.loads((run / rd.SEGMENT_SWEEP).read_text())

@@ -4,10 +4,10 @@ import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipelines import examples as ex
-from beam_pipelines import readers, records
 from beam_pipelines import transforms as T
+from beam_pipelines.sources import readers, records
 from trainer import features as F
+from trainer.data import examples as ex
 
 I = records.Interaction
 

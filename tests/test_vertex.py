@@ -11,8 +11,9 @@ pytest.importorskip("google.cloud.aiplatform_v1", reason="google-cloud-aiplatfor
 
 from google.cloud.aiplatform_v1 import types  # noqa: E402
 
-from trainer import cli, vertex  # noqa: E402
-from trainer.vertex import VertexJobConfig  # noqa: E402
+from trainer.cli import main as cli  # noqa: E402
+from trainer.training import vertex
+from trainer.training.vertex import VertexJobConfig  # noqa: E402
 
 PACKAGE = "gs://bucket/segrec/packages/abc/segrec-0.1.0.tar.gz"
 IMAGE = "us-central1-docker.pkg.dev/proj/segrec/train:1"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from trainer import cli
+from trainer.cli import main as cli
 
 
 def main(argv=None) -> int:

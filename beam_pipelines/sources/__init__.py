@@ -1,0 +1,1 @@
+"""Raw inputs: canonical records, readers (generic, MovieLens), downloads, the synthetic generator."""

@@ -1,0 +1,1 @@
+"""`segrec export`: signatures, retrieval index, the export layout and the exporter."""

@@ -1,0 +1,380 @@
+"""`segrec export`: a trained run dir -> a servable SavedModel version.
+
+    <base_path>/segrec/<version>/
+      saved_model.pb, variables/      ServingModule (serving/signatures.py)
+      assets.extra/tf_serving_warmup_requests
+                                      PredictionLog records (serving_default)
+      segments.json                   the run's, or the --segments override
+      model_card.md                   data, metrics, date, index, recall@10
+
+The version is written to a hidden temp dir beside it and renamed into place
+last, so TF Serving (which polls the base path for numeric dirs) never sees
+a half-written version. Before the rename the export is reloaded and its
+warm-up request answered, and the answer must match the in-memory module.
+
+ScaNN exports are checked at export time: recall@10 of the index against
+brute force over the same item embeddings, on the segment-aware queries of
+held-out (eval split) users; below `min_recall` the export fails
+(`RecallTooLow`, the CLI exits non-zero) and nothing is published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
+from serving.export import index as ix
+from serving.export import layout
+from serving.export import signatures as sig
+from serving.export.layout import join as _join
+from serving.export.layout import load_exported, model_dir, next_version
+from trainer import contracts, features
+from trainer.model import run_dir as rd
+from trainer.segments import document as segments_doc
+
+RECALL_K = 10
+WARMUP_USERS = 4
+
+
+class RecallTooLow(ValueError):
+    """The ScaNN index misses too much of brute force's top-k."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Settings of one `segrec export`.
+
+    run_dir: what `segrec train` wrote. base_path: the model base path; the
+    version goes to <base_path>/segrec/<version>/. version: None = one more
+    than the highest existing. index: "scann" | "brute_force". k_max: the
+    largest k a request may ask for. min_recall: the least ScaNN recall@10
+    against brute force. segments_path: a refreshed segments.json whose
+    centroids replace the model's. recall_queries: held-out queries of the
+    recall check. default_k, default_beta: the knobs of recommend_defaults
+    and serving_tf_example (default_beta None = the run's beta).
+    """
+
+    run_dir: str
+    base_path: str
+    version: Optional[int] = None
+    index: str = ix.SCANN
+    k_max: int = 100
+    min_recall: float = 0.95
+    segments_path: Optional[str] = None
+    recall_queries: int = 1000
+    overwrite: bool = False
+    default_k: int = 10
+    default_beta: Optional[float] = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ExportSummary:
+    version_dir: str
+    version: int
+    index: str
+    index_params: str
+    recall_at_10: Optional[float]  # None for brute_force (exact by construction)
+    recall_queries: int
+    num_items: int
+    embedding_dim: int
+    num_segments: int
+    default_k: int
+    default_beta: float
+    size_bytes: int
+    seconds: float
+    signatures: tuple = sig.SIGNATURES
+
+
+# --- versions -------------------------------------------------------------------
+# --- the export ----------------------------------------------------------------------
+def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
+    start = time.time()
+    _check_config(config)
+    version = config.version if config.version is not None else next_version(config.base_path)
+    final_dir = _join(model_dir(config.base_path), str(version))
+    if tf.io.gfile.exists(final_dir) and not config.overwrite:
+        raise FileExistsError(f"{final_dir} exists; pass --overwrite or another --version")
+
+    refreshed = segments_doc.load(config.segments_path, "--segments-file") if config.segments_path else None
+    if refreshed is not None:
+        segments_doc.centroids(refreshed, config.segments_path)  # a malformed file fails before the run loads
+    _say(progress, f"loading run {config.run_dir}")
+    run = rd.load_run(config.run_dir)
+    model = run.model
+    segments = run.segments
+    if refreshed is not None:
+        apply_centroids(model, refreshed, config.segments_path)
+        segments = refreshed
+        _say(progress, f"segment centroids from {config.segments_path}")
+    beta = float(run.train_config.get("beta", 0.0)) if config.default_beta is None else float(config.default_beta)
+    embeddings = model.item_embeddings().numpy()
+
+    _say(progress, f"building the {config.index} index over {len(embeddings):,} items")
+    index = ix.build_index(config.index, embeddings, k_max=config.k_max)
+    recall, num_queries = None, 0
+    if config.index == ix.SCANN:
+        queries = heldout_queries(run, config.recall_queries, beta, config.seed)
+        num_queries = len(queries)
+        recall = ix.tune_leaves(index, queries, embeddings, config.min_recall, k=RECALL_K)
+        _say(progress, f"ScaNN recall@{RECALL_K} vs brute force: {recall:.4f} on {num_queries} held-out queries")
+        if recall < config.min_recall:
+            raise RecallTooLow(
+                f"ScaNN recall@{RECALL_K} against brute force is {recall:.4f} on {num_queries} held-out "
+                f"queries, below --min-recall {config.min_recall}; export with --index brute_force "
+                "or lower --min-recall"
+            )
+
+    module = sig.ServingModule(model, index, k_max=config.k_max, default_k=config.default_k, default_beta=beta)
+    warmup = warmup_inputs(run, min(config.default_k, config.k_max), beta)
+    expected = module.serving_default(warmup)
+
+    tmp_dir = _join(model_dir(config.base_path), f".tmp-{version}-{os.getpid()}")
+    if tf.io.gfile.exists(tmp_dir):
+        tf.io.gfile.rmtree(tmp_dir)
+    _say(progress, f"writing {final_dir}")
+    tf.saved_model.save(
+        module,
+        tmp_dir,
+        signatures=module.signatures(),
+        options=tf.saved_model.SaveOptions(namespace_whitelist=ix.SAVE_NAMESPACES),
+    )
+    write_warmup(_join(tmp_dir, contracts.WARMUP_FILE), [warmup])
+    verify(tmp_dir, warmup, expected)
+    if segments is not None:
+        segments_doc.save(segments, _join(tmp_dir, contracts.SEGMENTS_FILE))
+    summary = ExportSummary(
+        version_dir=final_dir,
+        version=version,
+        index=config.index,
+        index_params=_describe(index),
+        recall_at_10=recall,
+        recall_queries=num_queries,
+        num_items=len(embeddings),
+        embedding_dim=int(embeddings.shape[1]),
+        num_segments=model.num_segments,
+        default_k=config.default_k,
+        default_beta=beta,
+        size_bytes=0,
+        seconds=0.0,
+    )
+    _write_text(_join(tmp_dir, contracts.MODEL_CARD), model_card(summary, config, run))
+    layout.write_export_info(tmp_dir, export_info(summary, config, run))
+    if tf.io.gfile.exists(final_dir):
+        tf.io.gfile.rmtree(final_dir)
+    tf.io.gfile.rename(tmp_dir, final_dir)
+    summary.size_bytes = dir_size(final_dir)
+    summary.seconds = time.time() - start
+    return summary
+
+
+def _check_config(config: ExportConfig) -> None:
+    if config.index not in ix.INDEX_KINDS:
+        raise ValueError(f"--index must be one of {ix.INDEX_KINDS}, got {config.index!r}")
+    if config.k_max < 1:
+        raise ValueError(f"--k-max must be >= 1, got {config.k_max}")
+    if not 1 <= config.default_k <= config.k_max:
+        raise ValueError(f"--default-k must be in [1, --k-max={config.k_max}], got {config.default_k}")
+    if config.recall_queries < 1:
+        raise ValueError(f"--recall-queries must be >= 1, got {config.recall_queries}")
+    if config.version is not None and config.version < 1:
+        raise ValueError(f"--version must be a positive integer, got {config.version}")
+
+
+def apply_centroids(model, segments: dict, source: str) -> None:
+    """Replaces the model's centroids [K, d] with those of a segments.json
+    (same K and d as the model, else a ValueError naming `source`)."""
+    centroids = segments_doc.centroids(segments, source)
+    want = (model.num_segments, model.embedding_dim)
+    if centroids.shape != want:
+        raise ValueError(
+            f"{source}: centroids have shape {centroids.shape} (K={centroids.shape[0]}, d={centroids.shape[1]}), "
+            f"the model needs {want} (K={want[0]} segments x embedding dim d={want[1]}); "
+            "refresh segments from this run's model"
+        )
+    model.segment_head.centroids_var.assign(centroids)
+
+
+def _model_batch(run, split, rows) -> dict:
+    batch = split.batch_dict(rows)
+    if run.text_cache is not None and not run.text_cache.missing(split.user_texts[rows].astype(str).tolist()):
+        # The cached frozen-encoder vectors equal the in-graph encoder's
+        # (test_train checks it) and skip BERT.
+        batch[features.USER_TEXT_VECTOR] = run.text_cache.lookup(batch[features.USER_TEXT])
+    return batch
+
+
+def heldout_queries(run, limit: int, beta: float, seed: int = 0, batch_size: int = 256) -> np.ndarray:
+    """Segment-aware queries [Q, d] of up to `limit` eval-split examples
+    (the train split when eval is empty), sampled with `seed`."""
+    from trainer.data import arrays as da
+
+    split = da.load_split(run.dataset_dir, "eval")
+    if len(split) == 0:
+        split = da.load_split(run.dataset_dir, "train")
+    if len(split) == 0:
+        raise ValueError(f"{run.dataset_dir}: no examples to measure the index's recall on")
+    rows = np.arange(len(split))
+    if len(rows) > limit:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+    out = []
+    for s in range(0, len(rows), batch_size):
+        batch = _model_batch(run, split, rows[s : s + batch_size])
+        out.append(run.model(batch, training=False, beta=beta)[features.QUERY].numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def warmup_inputs(run, k: int, beta: float, users: int = WARMUP_USERS) -> dict:
+    """serving_default inputs for a few eval users (train users if eval is empty)."""
+    from trainer.data import arrays as da
+
+    split = da.load_split(run.dataset_dir, "eval")
+    if len(split) == 0:
+        split = da.load_split(run.dataset_dir, "train")
+    batch = split.batch_dict(range(min(users, len(split))))
+    hist = batch[features.HISTORY_ITEM_IDS]
+    # Trim the all-padding tail so warm-up looks like a real request.
+    width = max(1, int(tf.reduce_max(tf.reduce_sum(tf.cast(hist != features.PAD_ITEM_ID, tf.int32), axis=1))))
+    inputs = {features.USER_TEXT: batch[features.USER_TEXT], features.HISTORY_ITEM_IDS: hist[:, :width]}
+    if run.model.user_id_buckets > 0:
+        inputs[features.USER_ID] = batch[features.USER_ID]
+    rows = int(inputs[features.USER_TEXT].shape[0])
+    inputs[features.K] = tf.fill([rows], tf.constant(k, tf.int32))
+    inputs[features.BETA] = tf.fill([rows], tf.constant(beta, tf.float32))
+    return inputs
+
+
+def write_warmup(file_path: str, requests: list) -> None:
+    """TFRecord of PredictionLog(PredictRequest) records for serving_default."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    tf.io.gfile.makedirs(os.path.dirname(file_path))
+    with tf.io.TFRecordWriter(file_path) as writer:
+        for inputs in requests:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=contracts.MODEL_NAME, signature_name=contracts.SERVING_DEFAULT)
+            )
+            for key, value in inputs.items():
+                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def verify(version_dir: str, inputs: dict, expected: dict) -> None:
+    """Reloads the export and checks it answers `inputs` as the module did."""
+    got = load_exported(version_dir).signatures[contracts.SERVING_DEFAULT](**inputs)
+    for key in (features.OUT_ITEM_IDS, features.SEGMENT_ID):
+        if not np.array_equal(got[key].numpy(), expected[key].numpy()):
+            raise RuntimeError(f"the reloaded export's {key} differ from the in-memory model's")
+    np.testing.assert_allclose(got[features.OUT_SCORES].numpy(), expected[features.OUT_SCORES].numpy(), atol=1e-5)
+
+
+# --- model card and summary ---------------------------------------------------------------
+def export_info(summary: ExportSummary, config: ExportConfig, run) -> dict:
+    """What export.json holds: the defaults servers and batch scoring read back (never the model card)."""
+    return {
+        "version": summary.version,
+        "k": summary.default_k,
+        "beta": summary.default_beta,
+        "k_max": config.k_max,
+        "index": summary.index,
+        "num_items": summary.num_items,
+        "embedding_dim": summary.embedding_dim,
+        "num_segments": summary.num_segments,
+        "scann_recall_at_10": summary.recall_at_10,
+        "signatures": list(contracts.SIGNATURES),
+        "run_dir": config.run_dir,
+        "dataset_dir": run.dataset_dir,
+    }
+
+
+def model_card(summary: ExportSummary, config: ExportConfig, run) -> str:
+    metrics_path = rd.path(config.run_dir, rd.METRICS)
+    final = rd.read_json(metrics_path).get("final", {}) if tf.io.gfile.exists(metrics_path) else {}
+    recall = (
+        f"{summary.recall_at_10:.4f} on {summary.recall_queries} held-out (eval split) queries"
+        if summary.recall_at_10 is not None
+        else "1.0 (exact search)"
+    )
+    lines = [
+        f"# segrec model card — version {summary.version}",
+        "",
+        f"- Exported: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- Run dir: `{config.run_dir}`",
+        f"- Training data: `{run.dataset_dir}`",
+        f"- Encoder: {run.train_config.get('encoder')} (finetune layers: {run.train_config.get('finetune_layers', 0)})",
+        f"- Segments: {summary.num_segments}"
+        + (f" (centroids from `{config.segments_path}`)" if config.segments_path else " (from the run)"),
+        f"- Catalog: {summary.num_items:,} items, embedding dim {summary.embedding_dim}",
+        "",
+        "## Index",
+        "",
+        f"- Kind: {summary.index} ({summary.index_params})",
+        f"- Recall@{RECALL_K} vs brute force: {recall}; required >= {config.min_recall}",
+        "- ScaNN exports need a TF Serving build with the ScaNN ops; brute_force runs on stock TF Serving."
+        if summary.index == ix.SCANN
+        else "- Runs on stock TF Serving.",
+        "",
+        "## Signatures",
+        "",
+        f"- `{contracts.SERVING_DEFAULT}`: user_text, history_item_ids, k (1..{config.k_max}), beta -> "
+        "item_ids, scores, segment_id, segment_probs",
+        f"- `{contracts.RECOMMEND_DEFAULTS}`, `{contracts.SERVING_TF_EXAMPLE}`: k = {summary.default_k}, "
+        f"beta = {summary.default_beta}",
+        f"- `{contracts.USER_EMBEDDING}`: embedding, segment_id, segment_probs",
+        "- Items in history_item_ids are never returned.",
+        "",
+        "## Training metrics (final eval)",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in final.items()] or ["- (none recorded)"]
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(summary: ExportSummary) -> str:
+    recall = "exact" if summary.recall_at_10 is None else f"{summary.recall_at_10:.4f} ({summary.recall_queries} queries)"
+    return "\n".join(
+        [
+            f"exported version {summary.version} -> {summary.version_dir} in {summary.seconds:.1f}s",
+            f"  index        {summary.index}: {summary.index_params}",
+            f"  recall@10    {recall} vs brute force",
+            f"  catalog      {summary.num_items:,} items x {summary.embedding_dim} dims, "
+            f"{summary.num_segments} segments",
+            f"  defaults     k={summary.default_k} beta={summary.default_beta}",
+            f"  signatures   {', '.join(summary.signatures)}",
+            f"  size         {summary.size_bytes / 1e6:.2f} MB",
+        ]
+    )
+
+
+def _describe(index) -> str:
+    if isinstance(index, ix.ScannIndex):
+        text = index.params.describe()
+        if index.params.partitioned:
+            text += f"; tuned to search {int(index.leaves_to_search.numpy())} leaves"
+        return text
+    return "exact matmul + top_k"
+
+
+def dir_size(path: str) -> int:
+    total = 0
+    for root, _, files in tf.io.gfile.walk(path):
+        total += sum(tf.io.gfile.stat(_join(root, f)).length for f in files)
+    return total
+
+
+def _write_text(file_path: str, text: str) -> None:
+    with tf.io.gfile.GFile(file_path, "w") as f:
+        f.write(text)
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"segrec export: {message}", flush=True)

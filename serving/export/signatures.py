@@ -1,0 +1,214 @@
+"""The exported tf.Module: a trained SegRecModel, an item index, and the
+serving signatures over explicit TensorSpecs.
+
+Signatures (names from trainer.features):
+
+  serving_default      user_text [B] string, history_item_ids [B, H] string
+                       ("" padded), k [B] int32, beta [B] float32
+                       -> item_ids [B, max(k)] string, scores [B, max(k)] float32,
+                          segment_id [B] int32, segment_probs [B, K] float32
+  recommend_defaults   user_text, history_item_ids -> as serving_default, with
+                       the export's default k and beta baked in
+  serving_tf_example   examples [B] serialized tf.Example (user_text,
+                       history_item_ids) -> as recommend_defaults
+  user_embedding       user_text, history_item_ids -> embedding [B, d],
+                       segment_id [B], segment_probs [B, K]
+
+(plus user_id [B] string on every signature when the model hashes user ids.)
+
+Every input has the batch dimension, k and beta included (one knob per row),
+so TF Serving's server-side batching, which concatenates the inputs of
+concurrent requests along dim 0, can batch serving_default: stock TF Serving
+batches a brute-force export as is (history_item_ids must then have one
+width across the batch, see k8s/base/config/batching_parameters.txt).
+
+k and beta: a TF Serving signature has no optional inputs (a PredictRequest
+must carry exactly the signature's inputs), so "optional" is two signatures:
+serving_default takes both knobs (the client fills its defaults), and
+recommend_defaults / serving_tf_example use the defaults the export recorded
+(k = ExportConfig.default_k, beta = the run's beta unless overridden; both in
+the model card). A k outside [1, k_max] or a non-finite beta fails with
+INVALID_ARGUMENT naming the input, and so does a k or beta whose length is
+not user_text's.
+
+Retrieval, row by row: q_i = normalise(u_i + beta_i * c_seg_i) (cold users:
+their centroid), exactly as SegRecModel computes it; the index returns
+min(max(k) + H, N) candidates, items in the row's history are dropped, the
+best are kept. Row i holds its best k_i items in columns 0..k_i-1; the
+columns after k_i, and slots that cannot be filled (k_i greater than the
+catalog minus the history), hold item id "" and score -inf.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
+from trainer import features
+from trainer.contracts import (  # noqa: F401  (the signature names live in trainer/contracts.py)
+    RECOMMEND_DEFAULTS,
+    SERVING_DEFAULT,
+    SERVING_TF_EXAMPLE,
+    SIGNATURES,
+    USER_EMBEDDING,
+)
+
+RECOMMEND_OUTPUTS = (features.OUT_ITEM_IDS, features.OUT_SCORES, features.SEGMENT_ID, features.SEGMENT_PROBS)
+EMBEDDING_OUTPUTS = (features.EMBEDDING, features.SEGMENT_ID, features.SEGMENT_PROBS)
+
+
+def user_specs(with_user_id: bool) -> dict:
+    """TensorSpecs of the user inputs every signature but serving_tf_example takes."""
+    specs = {
+        features.USER_TEXT: tf.TensorSpec([None], tf.string, name=features.USER_TEXT),
+        features.HISTORY_ITEM_IDS: tf.TensorSpec([None, None], tf.string, name=features.HISTORY_ITEM_IDS),
+    }
+    if with_user_id:
+        specs[features.USER_ID] = tf.TensorSpec([None], tf.string, name=features.USER_ID)
+    return specs
+
+
+def knob_specs() -> dict:
+    return {
+        features.K: tf.TensorSpec([None], tf.int32, name=features.K),
+        features.BETA: tf.TensorSpec([None], tf.float32, name=features.BETA),
+    }
+
+
+class ServingModule(tf.Module):
+    """SegRecModel + index -> the signatures above.
+
+    Args:
+      model: a trained trainer.model.segrec_model.SegRecModel with a text_encoder (serving
+        tokenises and encodes user_text in the graph).
+      index: serving.export.index.BruteForceIndex or ScannIndex over
+        model.item_embeddings(), rows in model.item_ids order.
+      k_max: the largest k a request may ask for.
+      default_k, default_beta: the knobs of recommend_defaults and
+        serving_tf_example.
+    """
+
+    def __init__(self, model, index, k_max: int = 100, default_k: int = 10, default_beta: float = 0.0):
+        super().__init__(name="segrec_serving")
+        if model.text_encoder is None:
+            raise ValueError("the model has no text encoder; serving needs one to encode user_text")
+        if not 1 <= default_k <= k_max:
+            raise ValueError(f"default_k must be in [1, k_max={k_max}], got {default_k}")
+        self.model = model
+        self.index = index
+        self.k_max = int(k_max)
+        self.default_k = int(default_k)
+        self.default_beta = float(default_beta)
+        self.num_items = len(model.item_ids)
+        self.with_user_id = model.user_id_buckets > 0
+        self.item_id_table = tf.Variable(
+            np.array(model.item_ids, dtype=object), dtype=tf.string, trainable=False, name="item_ids"
+        )
+        users = user_specs(self.with_user_id)
+        self.serving_default = tf.function(self._serving_default, input_signature=[{**users, **knob_specs()}])
+        self.recommend_defaults = tf.function(self._recommend_defaults, input_signature=[users])
+        self.serving_tf_example = tf.function(
+            self._serving_tf_example,
+            input_signature=[tf.TensorSpec([None], tf.string, name=features.EXAMPLES)],
+        )
+        self.user_embedding = tf.function(self._user_embedding, input_signature=[users])
+
+    def signatures(self) -> dict:
+        return {
+            SERVING_DEFAULT: self.serving_default,
+            RECOMMEND_DEFAULTS: self.recommend_defaults,
+            SERVING_TF_EXAMPLE: self.serving_tf_example,
+            USER_EMBEDDING: self.user_embedding,
+        }
+
+    # --- graph pieces -----------------------------------------------------------
+    def _batch(self, inputs: dict) -> dict:
+        batch = {
+            features.USER_TEXT: inputs[features.USER_TEXT],
+            features.HISTORY_ITEM_IDS: inputs[features.HISTORY_ITEM_IDS],
+        }
+        if self.with_user_id:
+            batch[features.USER_ID] = inputs[features.USER_ID]
+        return batch
+
+    def recommend(self, inputs: dict, k, beta) -> dict:
+        """User inputs, k and beta ([B] each, or scalars for every row) -> RECOMMEND_OUTPUTS."""
+        batch = self._batch(inputs)
+        rows = tf.shape(batch[features.USER_TEXT])[0]
+        k = self._per_row(tf.convert_to_tensor(k, tf.int32), rows, features.K)
+        beta = self._per_row(tf.convert_to_tensor(beta, tf.float32), rows, features.BETA)
+        checks = [
+            tf.debugging.assert_greater_equal(k, 1, message=f"inputs.k: k must be in [1, {self.k_max}]"),
+            tf.debugging.assert_less_equal(k, self.k_max, message=f"inputs.k: k must be in [1, {self.k_max}]"),
+            tf.debugging.assert_all_finite(beta, message="inputs.beta: beta must be finite"),
+        ]
+        with tf.control_dependencies(checks):
+            k = tf.identity(k)
+            beta = tf.identity(beta)
+        # [B, 1] so that each row's beta scales its own centroid [B, d].
+        out = self.model(batch, training=False, beta=beta[:, None])
+        history = self.model.item_tower.rows(batch[features.HISTORY_ITEM_IDS])  # [B, H], 0 = pad/unknown
+        cols = tf.maximum(tf.reduce_max(k), 1)  # max(k); 1 for an empty batch (no rows to fill)
+        n = tf.minimum(cols + tf.shape(history)[1], self.num_items)
+        scores, idx = self.index.search(out[features.QUERY], n)
+        # Candidate row = catalog index + 1 (row 0 is the pad/unknown item).
+        candidates = idx + 1
+        seen = tf.reduce_any(
+            tf.logical_and(candidates[:, :, None] == history[:, None, :], history[:, None, :] > 0), axis=-1
+        )
+        invalid = tf.logical_or(seen, idx < 0)  # ScaNN marks missing neighbours with -1
+        neg_inf = tf.fill(tf.shape(scores), tf.constant(-np.inf, tf.float32))
+        scores = tf.where(invalid, neg_inf, scores)
+        top = tf.math.top_k(scores, k=tf.minimum(cols, tf.shape(scores)[1]))
+        best = tf.gather(tf.maximum(idx, 0), top.indices, batch_dims=1)
+        ids = tf.gather(self.item_id_table, best)
+        # Pad to exactly max(k) columns when the catalog (minus history) is smaller.
+        missing = cols - tf.shape(top.values)[1]
+        ids = tf.pad(ids, [[0, 0], [0, missing]], constant_values=features.PAD_ITEM_ID)
+        values = tf.pad(top.values, [[0, 0], [0, missing]], constant_values=-np.inf)
+        # Row i keeps columns 0..k_i-1; unfillable slots and the columns past k_i are ""/-inf.
+        keep = tf.logical_and(tf.range(cols)[None, :] < k[:, None], tf.math.is_finite(values))
+        return {
+            features.OUT_ITEM_IDS: tf.where(keep, ids, features.PAD_ITEM_ID),
+            features.OUT_SCORES: tf.where(keep, values, tf.constant(-np.inf, tf.float32)),
+            features.SEGMENT_ID: out[features.SEGMENT_ID],
+            features.SEGMENT_PROBS: out[features.SEGMENT_PROBS],
+        }
+
+    @staticmethod
+    def _per_row(value: tf.Tensor, rows, name: str) -> tf.Tensor:
+        """A scalar knob -> [B] (the defaults); a [B] knob is checked to have one value per row."""
+        if value.shape.rank == 0:
+            return tf.fill([rows], value)
+        check = tf.debugging.assert_equal(
+            tf.shape(value)[0], rows,
+            message=f"inputs.{name}: needs one value per row of {features.USER_TEXT} (shape [B])",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(value)
+
+    # --- signature bodies ------------------------------------------------------------
+    def _serving_default(self, inputs):
+        return self.recommend(inputs, inputs[features.K], inputs[features.BETA])
+
+    def _recommend_defaults(self, inputs):
+        return self.recommend(inputs, self.default_k, self.default_beta)
+
+    def _serving_tf_example(self, examples):
+        spec = features.example_feature_spec()
+        keys = [features.USER_TEXT, features.HISTORY_ITEM_IDS] + ([features.USER_ID] if self.with_user_id else [])
+        if self.with_user_id:
+            spec[features.USER_ID] = tf.io.FixedLenFeature([], tf.string, default_value="")
+        parsed = tf.io.parse_example(examples, {key: spec[key] for key in keys})
+        inputs = dict(parsed)
+        history = parsed[features.HISTORY_ITEM_IDS].to_tensor(default_value=features.PAD_ITEM_ID)
+        # At least one column, so a batch of cold users still has a [B, 1] history.
+        inputs[features.HISTORY_ITEM_IDS] = tf.pad(
+            history, [[0, 0], [0, tf.maximum(0, 1 - tf.shape(history)[1])]], constant_values=features.PAD_ITEM_ID
+        )
+        return self.recommend(inputs, self.default_k, self.default_beta)
+
+    def _user_embedding(self, inputs):
+        out = self.model(self._batch(inputs), training=False, beta=0.0)
+        return {key: out[key] for key in EMBEDDING_OUTPUTS}

@@ -1,0 +1,1 @@
+"""`segrec frontend`: the reference recommender web page."""

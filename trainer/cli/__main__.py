@@ -1,0 +1,7 @@
+"""`python -m trainer.cli ARGS` is `segrec ARGS`."""
+
+import sys
+
+from trainer.cli.main import main
+
+sys.exit(main())

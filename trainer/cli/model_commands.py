@@ -1,0 +1,118 @@
+"""CLI adapters of the model commands: `segrec train` and `segrec evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from trainer.cli.registry import UserError, command
+
+
+def _segments(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 or 'auto', got {value!r}") from None
+
+
+def _range(value: str) -> tuple:
+    try:
+        lo, hi = (int(v) for v in value.split("-", 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO-HI, e.g. 2-12, got {value!r}") from None
+    return lo, hi
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset-dir", required=True, help="what `segrec preprocess` wrote (local or gs://)")
+    p.add_argument("--output-dir", required=True,
+                   help="the run dir (local or gs://); on Vertex AI, AIP_MODEL_DIR takes precedence. "
+                        "Re-running with the same dir resumes an interrupted run")
+    e = p.add_argument_group("encoder")
+    e.add_argument("--encoder", default="minilm",
+                   help="minilm (pretrained MiniLM-L6 from the installed package, default), tiny (random-init "
+                        "BERT with a WordPiece vocabulary from the training text), a keras-hub BERT preset, or a "
+                        "local preset directory")
+    e.add_argument("--sequence-length", type=int, default=128)
+    e.add_argument("--finetune-layers", type=int, default=0,
+                   help="fine-tune the top N transformer layers (GPU); 0 keeps the encoder frozen and caches its outputs")
+    e.add_argument("--text-cache", help="reuse a text_cache.npz built by an earlier run on the same data")
+    m = p.add_argument_group("model")
+    m.add_argument("--embedding-dim", type=int, default=64)
+    m.add_argument("--num-segments", type=_segments, default=8, help="number of segments K, or 'auto' (silhouette sweep)")
+    m.add_argument("--num-segments-range", type=_range, default=(2, 12), help="K range of the auto sweep (default 2-12)")
+    m.add_argument("--alpha", type=float, default=0.1, help="clustering loss weight")
+    m.add_argument("--beta", type=float, default=0.5, help="segment pull of the query: q = normalise(u + beta*c)")
+    m.add_argument("--segment-temperature", type=float, default=0.1)
+    m.add_argument("--retrieval-temperature", type=float, default=0.05)
+    m.add_argument("--user-id-buckets", type=int, default=0, help="hashed user-id embedding buckets (0: off)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--warmup-epochs", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--learning-rate", type=float, default=3e-3)
+    t.add_argument("--patience", type=int, default=3, help="early-stopping patience on eval recall (0: off)")
+    t.add_argument("--recall-k", type=int, default=50)
+    t.add_argument("--steps-per-epoch", type=int)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
+    t.add_argument("--quiet", action="store_true", help="no per-epoch progress bar")
+
+
+def train_config(args: argparse.Namespace):
+    from trainer.training.job import TrainConfig
+
+    return TrainConfig(
+        dataset_dir=args.dataset_dir, output_dir=args.output_dir, encoder=args.encoder,
+        sequence_length=args.sequence_length, finetune_layers=args.finetune_layers, embedding_dim=args.embedding_dim,
+        segments=args.num_segments, segments_range=tuple(args.num_segments_range), alpha=args.alpha, beta=args.beta,
+        segment_temperature=args.segment_temperature, retrieval_temperature=args.retrieval_temperature,
+        user_id_buckets=args.user_id_buckets, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience,
+        recall_k=args.recall_k, seed=args.seed,
+        mixed_precision={"auto": None, "on": True, "off": False}[args.mixed_precision],
+        text_cache=args.text_cache, steps_per_epoch=args.steps_per_epoch, verbose=0 if args.quiet else 1,
+    )
+
+
+@command("train", "Train the two-tower model with its segment head; writes a run dir.")(_add_train_args)
+def run_train(args: argparse.Namespace, beam_args) -> int:
+    from trainer.training import job as train
+
+    config = train_config(args)
+    if not os.path.isdir(config.dataset_dir) and "://" not in config.dataset_dir:
+        raise UserError(f"--dataset-dir {config.dataset_dir} does not exist; run `segrec preprocess` first")
+    summary = train.train(config, env=os.environ)
+    print(train.format_summary(summary, config))
+    return 0
+
+
+def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="what `segrec train` wrote")
+    p.add_argument("--dataset-dir", help="default: the dataset the run was trained on")
+    p.add_argument("--output-dir", help="default: <run-dir>/evaluation")
+    p.add_argument("--beta", type=float, help="segment pull of the query (default: the run's)")
+    p.add_argument("--baselines", default="popularity,ease,id_two_tower",
+                   help="comma-separated: popularity, ease, id_two_tower (empty: none)")
+    p.add_argument("--id-two-tower-epochs", type=int, default=3)
+    p.add_argument("--ease-l2", type=float, default=500.0)
+    p.add_argument("--truth", help="ground-truth segments CSV (user_id,segment); default: the generator's, if found")
+    p.add_argument("--compare-run", help="a second run (another seed) for segment stability (ARI)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("evaluate", "Full-catalog evaluation of a run against popularity, EASE and an ID-only two-tower.")(_add_evaluate_args)
+def run_evaluate(args: argparse.Namespace, beam_args) -> int:
+    from trainer.evaluation import evaluate
+
+    baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+    params = (("id_two_tower", {"epochs": args.id_two_tower_epochs}), ("ease", {"l2": args.ease_l2}))
+    config = evaluate.EvaluateConfig(
+        run_dir=args.run_dir, dataset_dir=args.dataset_dir, output_dir=args.output_dir, beta=args.beta,
+        baselines=baselines, baseline_params=tuple(p for p in params if p[0] in baselines),
+        truth_path=args.truth, compare_run_dir=args.compare_run, seed=args.seed)
+    results = evaluate.evaluate(config)
+    print(evaluate.format_summary(results))
+    return 0

@@ -1,0 +1,24 @@
+"""Names of the artifacts segrec's parts hand to each other, in one place.
+
+Beside trainer/features.py (feature and dataset-dir names): the exported
+model's signature names and the files of a run dir and of an export version
+dir. Every module that writes or reads one of these imports the name from
+here; see ARCHITECTURE.md for what each file holds.
+"""
+
+# --- The export: <base>/segrec/<version>/ (serving/export/layout.py) ---------
+MODEL_NAME = "segrec"  # the model's dir under a TF Serving model base path
+SAVED_MODEL = "saved_model.pb"
+EXPORT_INFO = "export.json"  # the export's defaults (k, beta, k_max, index...), machine-readable
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+
+# Signature names of the SavedModel.
+SERVING_DEFAULT = "serving_default"  # user_text, history_item_ids, k [B], beta [B] -> top-k + segment
+RECOMMEND_DEFAULTS = "recommend_defaults"  # the same with the export's k and beta baked in
+SERVING_TF_EXAMPLE = "serving_tf_example"  # serialized tf.Example -> as recommend_defaults
+USER_EMBEDDING = "user_embedding"  # user_text, history_item_ids -> embedding, segment
+SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, SERVING_TF_EXAMPLE, USER_EMBEDDING)
+
+# --- Files shared by a run dir and an export version dir ---------------------
+SEGMENTS_FILE = "segments.json"  # trainer/segments/document.py reads and writes it
+MODEL_CARD = "model_card.md"  # human-readable; never parsed back

@@ -1,0 +1,1 @@
+"""The dataset dir contract: query/example building, tf.data input, numpy arrays of a split."""

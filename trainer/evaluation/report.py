@@ -1,0 +1,285 @@
+"""The evaluation report: report.json, report.md and PNG figures.
+
+`write_report` takes what `segrec evaluate` computed (metric summaries from
+trainer.evaluation.ranking, segment quality from trainer.segments.quality, segment
+statistics) as plain dicts and numpy arrays and writes:
+
+  report.json                      everything, machine-readable (NaN -> null)
+  report.md                        tables of all models side by side, the
+                                   per-group breakdowns, segment quality, and
+                                   links to the figures
+  recall_curves.png                Recall@K vs K per model
+  segment_sizes.png                users per segment
+  segment_category_heatmap.png     what each segment consumes, by category
+  user_embeddings_2d.png           users in 2-D (PCA; t-SNE on request),
+                                   coloured by segment
+
+Each optional input adds its table or figure; nothing else is required.
+Figures are drawn on their own matplotlib Figure and written by the Agg
+canvas: no pyplot, no `matplotlib.use()`, so the process's backend (a
+notebook's inline plots, say) is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from trainer.reporting import (
+    EMBEDDINGS_PNG,
+    HEATMAP_PNG,
+    QUALITY_KEYS,
+    SIZES_PNG,
+    fmt,
+    jsonable,
+    md_table,
+    new_figure,
+    plot_category_heatmap,
+    plot_embeddings,
+    plot_segment_sizes,
+    project_2d,
+    save_figure,
+)
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+RECALL_PNG = "recall_curves.png"
+
+# Column order and headers of the metric tables; other keys follow sorted.
+_HEADERS = {
+    "recall@10": "Recall@10",
+    "recall@50": "Recall@50",
+    "recall@100": "Recall@100",
+    "ndcg@10": "NDCG@10",
+    "mrr": "MRR",
+    "coverage@10": "Coverage@10",
+    "count": "Queries",
+}
+
+
+
+
+
+
+def _metric_keys(summaries: Sequence[Mapping]) -> list[str]:
+    """Columns: recall@K ascending in K, the known metrics, any others, count last."""
+    keys = []
+    for s in summaries:
+        keys += [k for k in s if k not in keys]
+
+    def recall_k(k):
+        tail = k.split("@", 1)[1]
+        return int(tail) if tail.isdigit() else 10**9
+
+    recalls = sorted((k for k in keys if k.startswith("recall@")), key=recall_k)
+    known = [k for k in ("ndcg@10", "mrr", "coverage@10") if k in keys]
+    extra = sorted(k for k in keys if k not in recalls and k not in known and k != "count")
+    return recalls + known + extra + (["count"] if "count" in keys else [])
+
+
+def _header(k: str) -> str:
+    return _HEADERS.get(k, k.replace("recall@", "Recall@"))
+
+
+
+
+
+
+
+
+def models_table(results: Mapping[str, Mapping]) -> list[str]:
+    """Markdown lines: one row per model, one column per metric; best in bold."""
+    keys = _metric_keys(list(results.values()))
+    best = {}
+    for k in keys:
+        if k == "count":
+            continue
+        vals = [v.get(k) for v in results.values()]
+        finite = [float(v) for v in vals if isinstance(v, (int, float, np.number)) and math.isfinite(v)]
+        if len(finite) > 1:
+            best[k] = max(finite)  # every metric here is higher-is-better
+    rows = []
+    for name, s in results.items():
+        cells = [fmt(name)]
+        for k in keys:
+            v = s.get(k)
+            cell = fmt(v)
+            if k in best and v is not None and math.isfinite(float(v)) and float(v) == best[k]:
+                cell = f"**{cell}**"
+            cells.append(cell)
+        rows.append(cells)
+    return md_table(["Model"] + [_header(k) for k in keys], rows)
+
+
+def breakdown_table(breakdowns: Mapping[str, Mapping[str, Mapping]], metric_keys=("recall@10", "ndcg@10")) -> list[str]:
+    """Markdown lines: one row per group, per model the chosen metrics.
+
+    breakdowns: model -> group -> summary dict (trainer.evaluation.ranking.breakdown).
+    """
+    models = list(breakdowns)
+    groups = []
+    for by_group in breakdowns.values():
+        groups += [g for g in by_group if g not in groups]
+    header = ["Group", "Queries"] + [f"{m} {_header(k)}" for m in models for k in metric_keys]
+    rows = []
+    for g in groups:
+        count = next((breakdowns[m][g].get("count") for m in models if g in breakdowns[m]), None)
+        cells = [fmt(g), fmt(count)]
+        for m in models:
+            s = breakdowns[m].get(g, {})
+            cells += [fmt(s.get(k)) for k in metric_keys]
+        rows.append(cells)
+    return md_table(header, rows)
+
+
+def _plot_recall_curves(path, curves, title):
+    fig, ax = new_figure((7, 4.5))
+    for name, (ks, values) in curves.items():
+        ax.plot(np.asarray(ks), np.asarray(values), label=name, linewidth=1.8)
+    ax.set_xlabel("K (number of recommended items)")
+    ax.set_ylabel("Recall@K (share of held-out items found)")
+    ax.set_title(f"{title}: Recall@K by model")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+
+
+
+
+
+
+
+
+
+
+def write_report(
+    out_dir: str,
+    results: Mapping[str, Mapping],
+    *,
+    recall_curves: Mapping[str, tuple] | None = None,
+    breakdowns: Mapping[str, Mapping[str, Mapping]] | None = None,
+    segment_quality: Mapping | None = None,
+    method_comparison: Sequence[Mapping] | None = None,
+    segment_sizes: Sequence[int] | np.ndarray | None = None,
+    segment_category_matrix: np.ndarray | None = None,
+    category_names: Sequence[str] | None = None,
+    segment_labels: Sequence[str] | None = None,
+    user_embeddings_2d: np.ndarray | None = None,
+    user_embeddings: np.ndarray | None = None,
+    user_labels: np.ndarray | None = None,
+    projection: str = "pca",
+    max_points: int = 5000,
+    seed: int = 0,
+    title: str = "segrec evaluation",
+) -> list[str]:
+    """Writes report.json, report.md and the figures whose inputs are given.
+
+    Args:
+      out_dir: created if missing.
+      results: model name -> trainer.evaluation.ranking.summarize() dict.
+      recall_curves: model name -> (ks [n], recall [n]) (trainer.evaluation.ranking.recall_curve).
+      breakdowns: model name -> group name -> summarize() dict
+        (trainer.evaluation.ranking.breakdown: per segment, cold users).
+      segment_quality: trainer.segments.quality.segment_quality() dict.
+      method_comparison: trainer.segments.quality.compare_methods() rows.
+      segment_sizes: [K] users per segment.
+      segment_category_matrix: [K, C] interactions of segment k's users with
+        category c; plotted as row shares.
+      category_names: [C] names; segment_labels: [K] display names.
+      user_embeddings_2d: [U, 2] points to plot as given, or
+      user_embeddings: [U, d] raw embeddings, projected by `projection`
+        ("pca", or "tsne" - slower) after a seeded sample of `max_points`.
+      user_labels: [U] segment per user (colours; -1 = noise).
+      title: heading of the report and prefix of figure titles.
+
+    Returns:
+      Paths written, report.json and report.md first.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    figures: dict[str, str] = {}
+
+    if recall_curves:
+        _plot_recall_curves(os.path.join(out_dir, RECALL_PNG), recall_curves, title)
+        figures["Recall@K by model"] = RECALL_PNG
+    if segment_sizes is not None and len(segment_sizes):
+        plot_segment_sizes(os.path.join(out_dir, SIZES_PNG), segment_sizes, segment_labels, title)
+        figures["Users per segment"] = SIZES_PNG
+    if segment_category_matrix is not None:
+        plot_category_heatmap(os.path.join(out_dir, HEATMAP_PNG), segment_category_matrix, category_names, segment_labels, title)
+        figures["Category mix per segment"] = HEATMAP_PNG
+    if user_embeddings_2d is not None or user_embeddings is not None:
+        raw = user_embeddings_2d if user_embeddings_2d is not None else user_embeddings
+        raw = np.asarray(raw)
+        labels = None if user_labels is None else np.asarray(user_labels)
+        if labels is not None and labels.shape[0] != raw.shape[0]:
+            raise ValueError(f"user_labels has {labels.shape[0]} entries; embeddings have {raw.shape[0]} rows")
+        if raw.shape[0] > max_points:
+            idx = np.sort(np.random.default_rng(seed).choice(raw.shape[0], max_points, replace=False))
+            raw = raw[idx]
+            labels = None if labels is None else labels[idx]
+        if user_embeddings_2d is not None:
+            points, method = raw[:, :2], "given"
+        else:
+            points, method = project_2d(raw, projection, seed), projection
+        plot_embeddings(os.path.join(out_dir, EMBEDDINGS_PNG), points, labels, segment_labels, title, method)
+        figures["User embeddings in 2-D"] = EMBEDDINGS_PNG
+
+    payload = {
+        "title": title,
+        "models": results,
+        "breakdowns": breakdowns or {},
+        "segment_quality": segment_quality or {},
+        "method_comparison": list(method_comparison or []),
+        "segment_sizes": None if segment_sizes is None else list(np.asarray(segment_sizes).tolist()),
+        "segment_labels": None if segment_labels is None else [str(s) for s in segment_labels],
+        "category_names": None if category_names is None else [str(c) for c in category_names],
+        "segment_category_matrix": None if segment_category_matrix is None else np.asarray(segment_category_matrix),
+        "recall_curves": {
+            name: {"k": np.asarray(ks), "recall": np.asarray(vals)} for name, (ks, vals) in (recall_curves or {}).items()
+        },
+        "figures": figures,
+    }
+    json_path = os.path.join(out_dir, REPORT_JSON)
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(jsonable(payload), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+    md = [f"# {title}", ""]
+    if results:
+        md += ["## Retrieval metrics", ""]
+        md += ["Full-catalog ranking of each query's held-out item; the user's training items are excluded "
+               "(the target never is); ties ranked pessimistically. Best value per column in bold.", ""]
+        md += models_table(results) + [""]
+    if breakdowns:
+        md += ["## Breakdown by user group", "", "Per segment and for cold users (few training items).", ""]
+        md += breakdown_table(breakdowns) + [""]
+    if segment_quality:
+        md += ["## Segment quality", ""]
+        rows = [[label, fmt(segment_quality.get(key))] for key, label in QUALITY_KEYS if key in segment_quality]
+        if "sizes" in segment_quality:
+            rows.append(["Sizes", ", ".join(str(s) for s in segment_quality["sizes"])])
+        md += md_table(["Measure", "Value"], rows) + [""]
+    if method_comparison:
+        md += ["## Learned segments vs scikit-learn clusterings", ""]
+        rows = [
+            [fmt(r.get("method")), fmt(r.get("n_clusters")), fmt(r.get("silhouette")),
+             fmt(r.get("ari_vs_learned")), fmt(r.get("noise_share")), fmt(r.get("params", {}))]
+            for r in method_comparison
+        ]
+        md += md_table(["Method", "Clusters", "Silhouette", "ARI vs learned", "Noise share", "Parameters"], rows) + [""]
+    if figures:
+        md += ["## Figures", ""]
+        for caption, fname in figures.items():
+            md += [f"### {caption}", "", f"![{caption}]({fname})", ""]
+    md_path = os.path.join(out_dir, REPORT_MD)
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(md).rstrip() + "\n")
+
+    return [json_path, md_path] + [os.path.join(out_dir, f) for f in figures.values()]

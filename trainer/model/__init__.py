@@ -1,0 +1,1 @@
+"""The model: text encoder, towers, segment head, SegRecModel, its run-dir persistence and batched outputs."""

@@ -1,0 +1,437 @@
+"""SegRecModel: two towers + segment head, trained with TFRS's retrieval loss.
+
+A Keras 3 model (keras-hub's BERT is Keras 3; a Keras 3 layer inside a
+tf-keras model would silently not train). `tfrs.tasks.Retrieval` is a
+tf-keras layer used here only as a loss computer; it is called from a
+`tf.function` with autograph on, because its `len(tf.shape(...))` fails when
+called straight from a Keras 3 train step.
+
+Loss = Retrieval(u, item(positive)) + alpha * (DEC KL + balance), where the
+retrieval loss is an in-batch softmax over scaled cosines with
+  * logQ correction: logits - log p(item), p = the item's share of training
+    positives (Catalog.sampling_probabilities, kept as a non-trainable weight
+    so checkpoints carry it), which undoes the popularity bias of in-batch
+    negatives (Yi et al., 2019);
+  * accidental hits removed: a batch negative with the positive's id is
+    masked out;
+  * example weights (features.WEIGHT).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
+from trainer import features
+from trainer.data.tf_dataset import Catalog
+from trainer.model.segment_head import SegmentHead
+from trainer.model.text_encoder import TextEncoder
+from trainer.model.towers import MAX_TEXT_TOKENS, ItemTower, UserTower, item_tokens
+
+
+@tf.function(autograph=True)
+def _retrieval_loss(task, query, candidates, sample_weight, sampling_probability, candidate_ids):
+    """Mean over the (per-replica) batch of the weighted in-batch softmax loss.
+
+    The task reduces with NONE: tf-keras refuses SUM_OVER_BATCH_SIZE inside a
+    tf.distribute strategy, and the mean is taken here instead (the
+    gradient's 1/replicas scaling happens in train_step).
+    """
+    per_example = task(
+        query,
+        candidates,
+        sample_weight=sample_weight,
+        candidate_sampling_probability=sampling_probability,
+        candidate_ids=candidate_ids,
+        compute_metrics=False,
+        compute_batch_metrics=False,
+    )
+    batch = tf.cast(tf.shape(query)[0], per_example.dtype)
+    return tf.reduce_sum(per_example) / tf.maximum(batch, 1.0)
+
+
+class _Untracked:
+    """Holds the tf-keras Retrieval task out of Keras 3's / tf's tracking."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def compute_policy(mixed_precision: bool) -> str:
+    """"mixed_float16" only when asked for and a GPU is present."""
+    if mixed_precision and tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    return "float32"
+
+
+@keras.saving.register_keras_serializable(package="segrec")
+class SegRecModel(keras.Model):
+    """The segrec two-tower model.
+
+    Batches are dicts as made by `trainer.data.tf_dataset.make_dataset`: USER_ID,
+    USER_TEXT, HISTORY_ITEM_IDS [B, H] (PAD_ITEM_ID padded), ITEM_ID, WEIGHT,
+    and USER_TEXT_VECTOR [B, text_input_dim] when the encoder is frozen and
+    its outputs are cached.
+
+    Args:
+      item_ids, num_categories, max_categories, max_text_tokens, text_buckets:
+        catalog shape (see ItemTower); `from_catalog` fills them.
+      embedding_dim: d of u, q and item embeddings.
+      item_id_dim, category_dim, item_text_dim: item tower feature sizes.
+      text_input_dim: width of the pooled text vector (the encoder's hidden).
+      user_text_dim, user_hidden_units, user_id_buckets, user_id_dim: user
+        tower (user_id_buckets=0: no user-id embedding).
+      num_segments, segment_temperature, balance_weight: SegmentHead.
+      alpha: weight of the clustering loss.
+      retrieval_temperature: softmax temperature over cosines.
+      remove_accidental_hits, logq_correction: retrieval loss options.
+      finetune_layers: top encoder layers trained (needs `text_encoder`);
+        0 = frozen encoder (cached vectors are used when the batch has them).
+      text_encoder: optional TextEncoder; needed for fine-tuning and for
+        encoding raw USER_TEXT (serving).
+      mixed_precision: compute in float16 on GPU (losses stay float32).
+      seed: seeds initializers.
+    """
+
+    def __init__(
+        self,
+        item_ids: Sequence[str],
+        num_categories: int,
+        max_categories: int = 4,
+        max_text_tokens: int = MAX_TEXT_TOKENS,
+        text_buckets: int = 4096,
+        embedding_dim: int = 32,
+        item_id_dim: int = 32,
+        category_dim: int = 16,
+        item_text_dim: int = 32,
+        text_input_dim: int = 384,
+        user_text_dim: int = 32,
+        user_hidden_units: Sequence[int] = (64,),
+        user_id_buckets: int = 0,
+        user_id_dim: int = 16,
+        num_segments: int = 8,
+        segment_temperature: float = 0.1,
+        balance_weight: float = 0.1,
+        alpha: float = 0.1,
+        retrieval_temperature: float = 0.05,
+        remove_accidental_hits: bool = True,
+        logq_correction: bool = True,
+        finetune_layers: int = 0,
+        text_encoder: Optional[TextEncoder] = None,
+        mixed_precision: bool = False,
+        seed: Optional[int] = None,
+        **kwargs,
+    ):
+        policy = compute_policy(mixed_precision)
+        # The policy follows mixed_precision and the machine, never a config
+        # saved on another machine. Only the towers compute in float16: the
+        # model itself stays float32 so Keras does not autocast the inputs
+        # (weights) or the segment centroids inside its call scope.
+        kwargs.pop("dtype", None)
+        super().__init__(dtype="float32", **kwargs)
+        self._policy = policy
+        self._allow_non_tensor_positional_args = True
+        if text_encoder is not None:
+            text_input_dim = text_encoder.hidden_dim
+            text_encoder.set_trainable_layers(finetune_layers)
+        elif finetune_layers:
+            raise ValueError("finetune_layers > 0 needs a text_encoder")
+        self.item_ids = [str(i) for i in item_ids]
+        self.num_categories = int(num_categories)
+        self.max_categories = int(max_categories)
+        self.max_text_tokens = int(max_text_tokens)
+        self.text_buckets = int(text_buckets)
+        self.embedding_dim = int(embedding_dim)
+        self.item_id_dim = int(item_id_dim)
+        self.category_dim = int(category_dim)
+        self.item_text_dim = int(item_text_dim)
+        self.text_input_dim = int(text_input_dim)
+        self.user_text_dim = int(user_text_dim)
+        self.user_hidden_units = [int(u) for u in user_hidden_units]
+        self.user_id_buckets = int(user_id_buckets)
+        self.user_id_dim = int(user_id_dim)
+        self.num_segments = int(num_segments)
+        self.segment_temperature = float(segment_temperature)
+        self.balance_weight = float(balance_weight)
+        self.alpha = float(alpha)
+        self.retrieval_temperature = float(retrieval_temperature)
+        self.remove_accidental_hits = bool(remove_accidental_hits)
+        self.logq_correction = bool(logq_correction)
+        self.finetune_layers = int(finetune_layers)
+        self.mixed_precision = bool(mixed_precision)
+        self.seed = seed
+
+        self.text_encoder = text_encoder
+        self.item_tower = ItemTower(
+            item_ids=self.item_ids,
+            num_categories=self.num_categories,
+            max_categories=self.max_categories,
+            max_text_tokens=self.max_text_tokens,
+            text_buckets=self.text_buckets,
+            dim=self.embedding_dim,
+            id_dim=self.item_id_dim,
+            category_dim=self.category_dim,
+            text_dim=self.item_text_dim,
+            seed=seed,
+            dtype=policy,
+            name="item_tower",
+        )
+        self.user_tower = UserTower(
+            dim=self.embedding_dim,
+            text_input_dim=self.text_input_dim,
+            text_dim=self.user_text_dim,
+            hidden_units=self.user_hidden_units,
+            user_id_buckets=self.user_id_buckets,
+            user_id_dim=self.user_id_dim,
+            seed=None if seed is None else seed + 100,
+            dtype=policy,
+            name="user_tower",
+        )
+        self.segment_head = SegmentHead(
+            num_segments=self.num_segments,
+            dim=self.embedding_dim,
+            temperature=self.segment_temperature,
+            balance_weight=self.balance_weight,
+            seed=None if seed is None else seed + 200,
+            dtype="float32",
+            name="segment_head",
+        )
+        self._task = _Untracked(
+            tfrs.tasks.Retrieval(
+                loss=tf.keras.losses.CategoricalCrossentropy(
+                    from_logits=True, reduction=tf.keras.losses.Reduction.NONE
+                ),
+                temperature=self.retrieval_temperature,
+                remove_accidental_hits=self.remove_accidental_hits,
+            )
+        )
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.retrieval_tracker = keras.metrics.Mean(name="retrieval_loss")
+        self.cluster_tracker = keras.metrics.Mean(name="cluster_loss")
+        self.balance_tracker = keras.metrics.Mean(name="balance")
+        self.build()
+
+    def build(self, input_shape=None):
+        self.item_tower.build()
+        self.user_tower.build()
+        self.segment_head.build()
+        # p(item) for logQ, row 0 = unknown item; uniform until set_catalog.
+        n = len(self.item_ids) + 1
+        self.sampling_probability = self.add_weight(
+            name="sampling_probability",
+            shape=(n,),
+            initializer=keras.initializers.Constant(1.0 / n),
+            trainable=False,
+            dtype="float32",
+        )
+        # alpha as a variable so training can switch clustering on after a
+        # warm-up without retracing.
+        self.cluster_weight = self.add_weight(
+            name="cluster_weight",
+            shape=(),
+            initializer=keras.initializers.Constant(self.alpha),
+            trainable=False,
+            dtype="float32",
+        )
+        self.built = True
+
+    # --- construction from a dataset -----------------------------------------
+    @classmethod
+    def from_catalog(cls, catalog: Catalog, **kwargs) -> "SegRecModel":
+        """A model sized for `catalog`, its item tables and logQ filled in."""
+        max_tokens = kwargs.pop("max_text_tokens", MAX_TEXT_TOKENS)
+        model = cls(
+            item_ids=catalog.item_ids,
+            num_categories=len(catalog.category_vocab),
+            max_categories=kwargs.pop(
+                "max_categories", max([len(c) for c in catalog.categories] + [1])
+            ),
+            max_text_tokens=max([len(item_tokens(t, max_tokens)) for t in catalog.texts] + [1]),
+            **kwargs,
+        )
+        model.set_catalog(catalog)
+        return model
+
+    def set_catalog(self, catalog: Catalog) -> None:
+        self.item_tower.set_catalog(catalog)
+        probs = catalog.sampling_probabilities
+        self.sampling_probability.assign(
+            np.concatenate([[probs.min()], probs]).astype(np.float32)
+        )
+
+    def compile(self, optimizer="adam", jit_compile=False, **kwargs):
+        # String lookups and WordPiece ops have no XLA kernels.
+        optimizer = keras.optimizers.get(optimizer)
+        if self._policy == "mixed_float16" and not isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
+
+    # --- forward ---------------------------------------------------------------
+    def text_vectors(self, batch: dict, training=None) -> tf.Tensor:
+        """Pooled user-text vectors [B, text_input_dim] float32."""
+        if self.finetune_layers > 0:
+            return self.text_encoder(batch[features.USER_TEXT], training=training)
+        if features.USER_TEXT_VECTOR in batch:
+            return tf.cast(batch[features.USER_TEXT_VECTOR], tf.float32)
+        if self.text_encoder is not None:
+            return self.text_encoder(batch[features.USER_TEXT], training=False)
+        raise ValueError(
+            f"the batch has no {features.USER_TEXT_VECTOR!r} and the model has no "
+            "text_encoder: pass a TextCache to make_dataset or give the model an encoder"
+        )
+
+    def user_embedding(self, batch: dict, training=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """-> (u [B, d] float32 unit norm, cold [B] bool: no known history item)."""
+        rows = self.item_tower.rows(batch[features.HISTORY_ITEM_IDS])
+        mask = rows > 0  # PAD_ITEM_ID and unknown ids map to row 0
+        history = self.item_tower.embed_rows(rows, training=training)
+        inputs = {
+            "text_vector": self.text_vectors(batch, training=training),
+            "history_embeddings": history,
+            "history_mask": mask,
+        }
+        if self.user_id_buckets > 0:
+            inputs["user_id"] = batch[features.USER_ID]
+        u = self.user_tower(inputs, training=training)
+        return u, tf.logical_not(tf.reduce_any(mask, axis=-1))
+
+    def call(self, inputs, training=None, beta=0.0):
+        """inputs: a batch dict -> {EMBEDDING: u [B, d], QUERY: q [B, d],
+        SEGMENT_PROBS: [B, K], SEGMENT_ID: [B] int32}."""
+        u, cold = self.user_embedding(inputs, training=training)
+        probs, seg = self.segment_head(u)
+        q = self.segment_head.query(u, beta, cold=cold)
+        return {
+            features.EMBEDDING: u,
+            features.QUERY: q,
+            features.SEGMENT_PROBS: probs,
+            features.SEGMENT_ID: seg,
+        }
+
+    def user_outputs(self, batch: dict, beta: float = 0.0) -> dict:
+        """Inference outputs for one batch (see `call`)."""
+        return self(batch, training=False, beta=beta)
+
+    def item_embeddings(self) -> tf.Tensor:
+        """[N, d] embeddings of the whole catalog, in `item_ids` order."""
+        return self.item_tower.catalog_embeddings()
+
+    # --- losses and steps ---------------------------------------------------------
+    def compute_losses(self, batch: dict, training=None) -> dict:
+        """float32 scalars: loss, retrieval_loss, cluster_loss, balance."""
+        u, _ = self.user_embedding(batch, training=training)
+        rows = self.item_tower.rows(batch[features.ITEM_ID])
+        candidates = self.item_tower.embed_rows(rows, training=training)
+        weights = batch.get(features.WEIGHT)
+        weights = None if weights is None else tf.cast(weights, tf.float32)
+        probs = tf.gather(self.sampling_probability, rows) if self.logq_correction else None
+        retrieval = tf.cast(
+            _retrieval_loss(self._task.value, u, candidates, weights, probs, rows), tf.float32
+        )
+        clustering = self.segment_head.clustering_loss(u, sample_weight=weights)
+        total = retrieval + tf.convert_to_tensor(self.cluster_weight) * clustering["loss"]
+        return {
+            "loss": total,
+            "retrieval_loss": retrieval,
+            "cluster_loss": clustering["kl"],
+            "balance": clustering["balance"],
+        }
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.retrieval_tracker, self.cluster_tracker, self.balance_tracker]
+
+    def _track(self, losses: dict) -> dict:
+        self.loss_tracker.update_state(losses["loss"])
+        self.retrieval_tracker.update_state(losses["retrieval_loss"])
+        self.cluster_tracker.update_state(losses["cluster_loss"])
+        self.balance_tracker.update_state(losses["balance"])
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        # fit() yields the batch dict itself; train_on_batch packs it as (x,).
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(data, training=True)
+            # Replicas' gradients are summed: each contributes its mean / replicas.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(losses["loss"] / float(replicas))
+        grads = tape.gradient(scaled, variables)
+        # The user-id embedding or the unused BERT pooler get no gradient.
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        self.optimizer.apply_gradients(pairs)
+        self.segment_head.renormalize()
+        return self._track(losses)
+
+    def test_step(self, data):
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self._track(self.compute_losses(data, training=False))
+
+    # --- segments --------------------------------------------------------------------
+    def with_num_segments(self, num_segments: int) -> "SegRecModel":
+        """A copy with K = num_segments and the same tower/encoder weights
+        (for `--segments auto`: warm up, choose_k, then continue)."""
+        config = self.get_config()
+        config["num_segments"] = int(num_segments)
+        clone = type(self).from_config(config)
+        clone.item_tower.set_weights(self.item_tower.get_weights())
+        clone.user_tower.set_weights(self.user_tower.get_weights())
+        if self.text_encoder is not None:
+            clone.text_encoder.set_weights(self.text_encoder.get_weights())
+        clone.sampling_probability.assign(self.sampling_probability)
+        return clone
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "item_ids": self.item_ids,
+                "num_categories": self.num_categories,
+                "max_categories": self.max_categories,
+                "max_text_tokens": self.max_text_tokens,
+                "text_buckets": self.text_buckets,
+                "embedding_dim": self.embedding_dim,
+                "item_id_dim": self.item_id_dim,
+                "category_dim": self.category_dim,
+                "item_text_dim": self.item_text_dim,
+                "text_input_dim": self.text_input_dim,
+                "user_text_dim": self.user_text_dim,
+                "user_hidden_units": self.user_hidden_units,
+                "user_id_buckets": self.user_id_buckets,
+                "user_id_dim": self.user_id_dim,
+                "num_segments": self.num_segments,
+                "segment_temperature": self.segment_temperature,
+                "balance_weight": self.balance_weight,
+                "alpha": self.alpha,
+                "retrieval_temperature": self.retrieval_temperature,
+                "remove_accidental_hits": self.remove_accidental_hits,
+                "logq_correction": self.logq_correction,
+                "finetune_layers": self.finetune_layers,
+                "text_encoder": (
+                    None
+                    if self.text_encoder is None
+                    else keras.saving.serialize_keras_object(self.text_encoder)
+                ),
+                "mixed_precision": self.mixed_precision,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("text_encoder") is not None and isinstance(config["text_encoder"], dict):
+            # safe_mode=False: the pretrained encoder's tokenizer reads its
+            # vocabulary from the installed package (or a preset dir the user
+            # named), which Keras' safe mode refuses as "outside the archive".
+            config["text_encoder"] = keras.saving.deserialize_keras_object(config["text_encoder"], safe_mode=False)
+        return cls(**config)

@@ -1,0 +1,1 @@
+"""User segments: the segments.json document, profiles, quality, drift, and the segment report."""

@@ -1,0 +1,1 @@
+"""Training: the `segrec train` job, the fit loop, distribution, Vertex AI submission."""

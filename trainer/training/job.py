@@ -1,0 +1,336 @@
+"""`segrec train`: dataset dir -> run dir (see trainer/run_dir.py).
+
+Phases, each resumable after an interruption:
+  1. encoder: build the text encoder; with a frozen encoder, encode every
+     distinct user_text once into text_cache.npz (reused on resume);
+  2. warm-up: `warmup_epochs` of retrieval loss only, so user embeddings mean
+     something before they are clustered (checkpoints/warmup.weights.h5);
+  3. segments: `--segments auto` picks K by a silhouette sweep (recorded in
+     segment_sweep.json), then centroids := k-means of user embeddings;
+  4. joint training: retrieval + alpha * clustering loss, Recall@K on the
+     eval split each epoch, early stopping, best weights kept; Keras'
+     BackupAndRestore resumes mid-phase from checkpoints/main/;
+  5. artefacts: model weights, metrics.json, segments.json, model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+from typing import Mapping, Optional, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import trainer  # noqa: F401
+from trainer import features
+from trainer.data import tf_dataset as data_lib
+from trainer.model import run_dir as rd
+from trainer.model.outputs import user_snapshot
+from trainer.model.segrec_model import SegRecModel
+from trainer.model.text_encoder import TextCache, TextEncoder
+from trainer.segments import document as segments_document
+from trainer.segments import profiles as segment_profiles
+from trainer.training import distribution
+from trainer.training import fit as training
+
+_LOG = logging.getLogger("segrec.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one `segrec train` run (built by the CLI adapter)."""
+
+    dataset_dir: str
+    output_dir: str
+    encoder: str = "minilm"  # minilm | tiny | a keras-hub BERT preset name | a local preset dir
+    sequence_length: int = 128
+    finetune_layers: int = 0
+    embedding_dim: int = 64
+    segments: Union[int, str] = 8  # K, or "auto"
+    segments_range: tuple = (2, 12)
+    alpha: float = 0.1
+    beta: float = 0.5
+    segment_temperature: float = 0.1
+    retrieval_temperature: float = 0.05
+    user_id_buckets: int = 0
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 256
+    learning_rate: float = 3e-3
+    patience: int = 3
+    recall_k: int = 50
+    seed: int = 42
+    mixed_precision: Optional[bool] = None  # None: on when a GPU is present
+    text_cache: Optional[str] = None  # reuse a cache file built by an earlier run
+    steps_per_epoch: Optional[int] = None
+    verbose: int = 1
+
+    def __post_init__(self):
+        if not (isinstance(self.segments, int) and self.segments >= 2) and self.segments != "auto":
+            raise ValueError(f"--segments must be an integer >= 2 or 'auto', got {self.segments!r}")
+        lo, hi = self.segments_range
+        if not 2 <= lo <= hi:
+            raise ValueError(f"--segments-range must satisfy 2 <= lo <= hi, got {self.segments_range}")
+        for name in ("epochs", "batch_size", "embedding_dim", "sequence_length", "recall_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.finetune_layers < 0 or self.patience < 0:
+            raise ValueError("--warmup-epochs, --finetune-layers and --patience must be >= 0")
+        if self.segments == "auto" and self.warmup_epochs < 1:
+            raise ValueError("--segments auto needs --warmup-epochs >= 1 (it clusters warmed-up embeddings)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSummary:
+    run_dir: str
+    num_segments: int
+    epochs_run: int
+    best_recall: float
+    metrics: dict
+    seconds: float
+
+
+def build_encoder(config: TrainConfig, texts) -> TextEncoder:
+    if config.encoder == "tiny":
+        return TextEncoder.tiny(texts, sequence_length=min(config.sequence_length, 64), seed=config.seed)
+    preset = None if config.encoder == "minilm" else config.encoder
+    return TextEncoder.pretrained(preset, sequence_length=config.sequence_length,
+                                  trainable_layers=config.finetune_layers)
+
+
+def _text_cache(config: TrainConfig, encoder: TextEncoder, texts, out_dir: str) -> TextCache:
+    path = rd.path(out_dir, rd.TEXT_CACHE)
+    for candidate in (path, config.text_cache):
+        if candidate and tf.io.gfile.exists(candidate):
+            cache = TextCache.load(candidate)
+            if not cache.missing(texts) and cache.dim == encoder.compute_output_shape((None,))[-1]:
+                _LOG.info("text cache: reusing %s (%d texts)", candidate, len(cache))
+                if candidate != path:
+                    cache.save(path)
+                return cache
+    _LOG.info("text cache: encoding %d distinct user texts once (frozen encoder)", len(texts))
+    cache = TextCache.build(encoder, texts, batch_size=64, progress=config.verbose > 0)
+    cache.save(path)
+    return cache
+
+
+def _model(config: TrainConfig, catalog, encoder: TextEncoder, num_segments: int, mixed: bool) -> SegRecModel:
+    text_dim = int(encoder.compute_output_shape((None,))[-1])
+    model = SegRecModel.from_catalog(
+        catalog,
+        embedding_dim=config.embedding_dim, item_id_dim=config.embedding_dim, item_text_dim=config.embedding_dim,
+        category_dim=max(4, config.embedding_dim // 2), text_input_dim=text_dim, user_text_dim=config.embedding_dim,
+        user_hidden_units=(2 * config.embedding_dim,), user_id_buckets=config.user_id_buckets,
+        num_segments=num_segments, segment_temperature=config.segment_temperature, alpha=config.alpha,
+        retrieval_temperature=config.retrieval_temperature, finetune_layers=config.finetune_layers,
+        text_encoder=encoder, mixed_precision=mixed, seed=config.seed,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    return model
+
+
+class _Throughput(keras.callbacks.Callback):
+    """Training examples per second, per epoch (input pipeline included)."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size
+        self.rates = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        rate = self._steps * self.batch_size / max(time.perf_counter() - self._start, 1e-9)
+        self.rates.append(rate)
+        if logs is not None:
+            logs["examples_per_s"] = rate
+
+
+def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
+    """Runs (or resumes) a training run; `env` is the process environment
+    (TF_CONFIG / CLUSTER_SPEC / AIP_* for distribution and Vertex AI)."""
+    env = dict(env or {})
+    start = time.time()
+    keras.utils.set_random_seed(config.seed)
+    strategy, strategy_desc = distribution.choose_strategy(env)
+    cluster = distribution.cluster_from_env(env)
+    is_chief = cluster is None or cluster.is_chief
+    dirs = distribution.run_dirs(config.output_dir, env)
+    # Non-chief workers of a multi-worker run write to a temp dir that is
+    # deleted at the end: only the chief's run dir is real.
+    out_dir = distribution.chief_or_temp_dir(dirs.model_dir, cluster)
+    ckpt_root = distribution.chief_or_temp_dir(dirs.checkpoint_dir, cluster)
+    tf.io.gfile.makedirs(out_dir)
+    _LOG.info("train: %s -> %s (%s)", config.dataset_dir, out_dir, strategy_desc)
+    rd.write_json(rd.path(out_dir, rd.TRAIN_CONFIG), dataclasses.asdict(config))
+    mixed = bool(tf.config.list_physical_devices("GPU")) if config.mixed_precision is None else config.mixed_precision
+
+    catalog = data_lib.load_catalog(config.dataset_dir)
+    texts = data_lib.distinct_user_texts(config.dataset_dir)
+    warm_path = rd.path(ckpt_root, "warmup.weights.h5")
+    backup_dir = rd.path(ckpt_root, "main")
+    best_path = rd.path(ckpt_root, "best.weights.h5")
+
+    with strategy.scope():
+        encoder = build_encoder(config, texts)
+        cache = _text_cache(config, encoder, texts, out_dir) if config.finetune_layers == 0 else None
+        k0 = config.segments if isinstance(config.segments, int) else config.segments_range[0]
+        model = _model(config, catalog, encoder, k0, mixed)
+
+    def dataset(split, shuffle):
+        return data_lib.make_dataset(config.dataset_dir, split, config.batch_size, shuffle=shuffle, seed=config.seed,
+                                     text_cache=cache, drop_remainder=False)
+
+    train_ds, eval_ds = dataset("train", True), dataset("eval", False)
+    history: dict = {}
+    throughput = _Throughput(config.batch_size)
+    tb = keras.callbacks.TensorBoard(log_dir=dirs.tensorboard_dir, update_freq="epoch")
+
+    # Phase 2: warm-up (retrieval only).
+    if config.warmup_epochs > 0:
+        if tf.io.gfile.exists(warm_path):
+            _LOG.info("warm-up: resuming from %s", warm_path)
+            rd.load_weights(model, warm_path)
+        else:
+            _LOG.info("warm-up: %d epoch(s) of retrieval loss only", config.warmup_epochs)
+            model.cluster_weight.assign(0.0)
+            h = model.fit(train_ds, epochs=config.warmup_epochs, steps_per_epoch=config.steps_per_epoch,
+                          callbacks=[throughput, tb], verbose=config.verbose, shuffle=False)
+            _merge(history, h.history, prefix="warmup_")
+            rd.save_weights(model, warm_path)
+
+    # Phase 3: number of segments and centroid initialisation.
+    sweep = None
+    if config.segments == "auto":
+        sweep_path = rd.path(out_dir, rd.SEGMENT_SWEEP)
+        if tf.io.gfile.exists(sweep_path):
+            sweep = rd.read_json(sweep_path)
+        else:
+            best_k, scores = training.choose_segments(model, train_ds, tuple(config.segments_range), seed=config.seed)
+            sweep = {"best_k": int(best_k), "silhouette": [[int(k), float(s)] for k, s in scores]}
+            rd.write_json(sweep_path, sweep)
+        _LOG.info("segments auto: K=%d (silhouette sweep %s)", sweep["best_k"], sweep["silhouette"])
+        if sweep["best_k"] != model.num_segments:
+            with strategy.scope():
+                model = model.with_num_segments(sweep["best_k"])
+                model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    resuming = tf.io.gfile.exists(rd.path(backup_dir, "training_metadata.json"))
+    if not resuming:
+        training.init_segments(model, train_ds, batches=50)
+    model.cluster_weight.assign(config.alpha)
+
+    # Phase 4: joint training with early stopping on eval Recall@K.
+    recall = training.RecallAtK(eval_ds, k=config.recall_k, beta=config.beta)
+    callbacks = [
+        recall,
+        keras.callbacks.BackupAndRestore(backup_dir),
+        keras.callbacks.ModelCheckpoint(best_path, monitor=recall.monitor, mode="max", save_best_only=True,
+                                        save_weights_only=True),
+        throughput, tb,
+    ]
+    if config.patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=recall.monitor, mode="max", patience=config.patience))
+    h = model.fit(train_ds, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch, callbacks=callbacks,
+                  verbose=config.verbose, shuffle=False)
+    _merge(history, h.history)
+    if tf.io.gfile.exists(best_path):
+        rd.load_weights(model, best_path)
+
+    best = float(training.recall_at_k(model, eval_ds, k=config.recall_k, beta=config.beta))
+    metrics = {
+        "history": history,
+        "final": {f"recall@{config.recall_k}": best, "beta": config.beta},
+        "epochs_run": len(history.get("loss", [])),
+        "throughput_examples_per_s": {"mean": float(np.mean(throughput.rates)) if throughput.rates else None,
+                                      "encoder": "cached" if cache is not None else "in-graph"},
+        "strategy": strategy_desc,
+        "segment_sweep": sweep,
+    }
+    segments_doc = build_segments(model, config, catalog, cache)
+    if is_chief:
+        rd.save_model(out_dir, model)
+        rd.write_json(rd.path(out_dir, rd.METRICS), metrics)
+        segments_document.save(segments_doc, rd.path(out_dir, rd.SEGMENTS))
+        write_model_card(out_dir, config, metrics, segments_doc)
+    else:
+        distribution.discard_temp_dir(dirs.model_dir, cluster)
+        distribution.discard_temp_dir(dirs.checkpoint_dir, cluster)
+    return TrainSummary(out_dir, int(model.num_segments), metrics["epochs_run"], best, metrics, time.time() - start)
+
+
+def _merge(history: dict, h: dict, prefix: str = "") -> None:
+    for key, values in h.items():
+        history.setdefault(prefix + key, []).extend(float(v) for v in values)
+
+
+
+
+def build_segments(model: SegRecModel, config: TrainConfig, catalog, cache) -> dict:
+    from trainer.data import arrays as da
+    from trainer.segments import quality as segment_quality
+
+    user_ids, emb, seg, probs, train_split = user_snapshot(model, config.dataset_dir, cache, config.beta)
+    quality = segment_quality.segment_quality(emb, seg)
+    quality = {k: v for k, v in quality.items() if k in ("silhouette", "davies_bouldin", "largest_share")}
+    histories = {}
+    for u, i in zip(train_split.user_ids, train_split.item_ids):
+        histories.setdefault(u, []).append(i)
+    inputs = segment_profiles.ProfileInputs(
+        user_ids=list(user_ids), labels=seg, centroids=np.asarray(model.segment_head.centroids),
+        histories=histories, attributes=da.load_users(config.dataset_dir),
+        item_titles=dict(zip(catalog.item_ids, catalog.titles)),
+        item_categories=dict(zip(catalog.item_ids, catalog.categories)), probs=probs)
+    return segment_profiles.build_profiles(inputs, quality=quality,
+                                           extra={"beta": config.beta, "dataset_dir": config.dataset_dir})
+
+
+def write_model_card(out_dir: str, config: TrainConfig, metrics: dict, segments: dict) -> None:
+    meta_path = config.dataset_dir.rstrip("/") + "/" + features.METADATA_FILE
+    meta = rd.read_json(meta_path) if tf.io.gfile.exists(meta_path) else {}
+    final = metrics["final"]
+    lines = [
+        "# segrec model card", "",
+        f"- Trained: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- Data: `{config.dataset_dir}` (source: {meta.get('source', {}).get('name', 'unknown')}, "
+        f"split: {meta.get('split', {}).get('split', 'unknown')}, examples: {meta.get('examples', {})})",
+        f"- Encoder: {config.encoder} (sequence length {config.sequence_length}, "
+        f"{'fine-tuning top ' + str(config.finetune_layers) + ' layers' if config.finetune_layers else 'frozen, cached outputs'})",
+        f"- Embedding dim {config.embedding_dim}; segments {segments['num_segments']}; alpha {config.alpha}; beta {config.beta}",
+        f"- Epochs run: {metrics['epochs_run']} (max {config.epochs}, warm-up {config.warmup_epochs}); "
+        f"strategy: {metrics['strategy']}",
+        "", "## Metrics (eval split, full catalog, user's history excluded)", "",
+        *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in final.items()],
+        "", "## Segments", "",
+        "| id | size | label |", "| --- | ---: | --- |",
+        *[f"| {s['id']} | {s['size']} | {s['label']} |" for s in segments["segments"]],
+        "", "## Intended use and limits", "",
+        "Candidate retrieval for recommendations with segment-aware queries. Segments describe groups, "
+        f"never individuals: segments under {segments['min_profile_size']} users are not profiled. "
+        "Quality figures hold for the evaluated split only; re-evaluate after data drift (`segrec evaluate`).",
+    ]
+    with tf.io.gfile.GFile(rd.path(out_dir, rd.MODEL_CARD), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def format_summary(summary: TrainSummary, config: TrainConfig) -> str:
+    m = summary.metrics
+    rate = m["throughput_examples_per_s"]["mean"] or 0.0
+    return "\n".join([
+        f"train finished in {summary.seconds:.1f}s -> {summary.run_dir}",
+        f"  epochs run {summary.epochs_run}   segments {summary.num_segments}   "
+        f"eval recall@{config.recall_k} {summary.best_recall:.4f}   "
+        f"throughput {rate:,.0f} examples/s ({m['throughput_examples_per_s']['encoder']} encoder)",
+        f"  model     {rd.path(summary.run_dir, rd.WEIGHTS)}",
+        f"  segments  {rd.path(summary.run_dir, rd.SEGMENTS)}",
+        f"  metrics   {rd.path(summary.run_dir, rd.METRICS)}",
+        f"  card      {rd.path(summary.run_dir, rd.MODEL_CARD)}",
+        f"  tensorboard --logdir {rd.path(summary.run_dir, rd.TENSORBOARD)}",
+    ])
