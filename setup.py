@@ -56,6 +56,9 @@ EXTRAS_REQUIRE = {
         # Playwright's client (no browser download: /usr/bin/chromium).
         "playwright>=1.50",
         "httpx>=0.27",
+        # The layering (.importlinter) and lint (ruff.toml), run by tests/test_architecture.py.
+        "import-linter==2.16",
+        "ruff==0.17.5",
     ],
 }
 

@@ -1,4 +1,4 @@
-"""trainer/distribution.py: cluster from TF_CONFIG / CLUSTER_SPEC, strategy, run dirs, chief vs temp dirs."""
+"""trainer/training/distribution.py: cluster from TF_CONFIG / CLUSTER_SPEC, strategy, run dirs, chief vs temp dirs."""
 
 from __future__ import annotations
 

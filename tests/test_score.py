@@ -364,7 +364,7 @@ def test_query_policy_follows_the_training_data(tmp_path, export_dir):
     ds.mkdir()
     version.mkdir(parents=True)
     (ds / "metadata.json").write_text(json.dumps({"split": {"max_history": 3, "text_history": 1}}))
-    (version / "model_card.md").write_text(f"# card\n\n- Training data: `{ds}`\n")
+    (version / "export.json").write_text(json.dumps({"dataset_dir": str(ds)}))  # what `segrec export` writes
     assert score.training_policy(str(version)) == ex.ExamplePolicy(max_history=3, text_history=1)
     (ds / "metadata.json").unlink()
     assert score.training_policy(str(version)) == ex.ExamplePolicy()  # unreadable -> the defaults

@@ -1,4 +1,4 @@
-"""trainer/vertex.py and `segrec vertex submit`: job specs as Vertex AI's own proto types, dry runs."""
+"""trainer/training/vertex.py and `segrec vertex submit`: job specs as Vertex AI's own proto types, dry runs."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`segrec export`: a trained run dir -> a servable SavedModel version.
 
     <base_path>/segrec/<version>/
-      saved_model.pb, variables/      ServingModule (serving/signatures.py)
+      saved_model.pb, variables/      ServingModule (serving/export/signatures.py)
       assets.extra/tf_serving_warmup_requests
                                       PredictionLog records (serving_default)
       segments.json                   the run's, or the --segments override

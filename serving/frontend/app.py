@@ -1,6 +1,6 @@
 """`segrec frontend`: the reference web integration of a recommender page.
 
-A FastAPI app that serves one static page (serving/static/) and a small JSON
+A FastAPI app that serves one static page (serving/frontend/static/) and a small JSON
 API the page calls with fetch:
 
     GET  /api/health      is the gRPC server up; the model's versions and defaults

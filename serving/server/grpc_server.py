@@ -8,10 +8,10 @@
 
 A request goes: auth (optional bearer token) -> model_spec -> version
 (model_manager) -> validation (before the model) -> batching queue (bounded,
-adaptive: serving/batching.py) -> the SavedModel signature. A wrong request is INVALID_ARGUMENT / NOT_FOUND /
+adaptive: serving/server/batching.py) -> the SavedModel signature. A wrong request is INVALID_ARGUMENT / NOT_FOUND /
 FAILED_PRECONDITION with the field named; a full queue RESOURCE_EXHAUSTED.
 `Predictor` holds that logic once; the gRPC servicers and the REST adapter
-(serving/rest.py) are thin wrappers around it. SIGTERM stops taking new
+(serving/server/rest_api.py) are thin wrappers around it. SIGTERM stops taking new
 calls (health turns NOT_SERVING, Predict answers UNAVAILABLE), answers the
 in-flight and queued ones and exits 0.
 

@@ -40,7 +40,7 @@ from trainer.evaluation import baselines as baselines_lib
 from trainer.evaluation import ranking as metrics
 from trainer.evaluation import report
 from trainer.model import run_dir as rd
-from trainer.model.outputs import model_outputs
+from trainer.model.batched_outputs import model_outputs
 from trainer.segments import quality as sq
 
 _LOG = logging.getLogger("segrec.evaluate")

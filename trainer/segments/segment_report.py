@@ -3,7 +3,7 @@
     report.md     tables (segments, quality, changes, method comparison) + links to the figures
     report.html   the same, self-contained: the PNGs are embedded as data URIs
     report.json   every figure, machine-readable
-    segment_sizes.png, segment_category_heatmap.png   (trainer/report.py's plots)
+    segment_sizes.png, segment_category_heatmap.png   (trainer/reporting.py's plots)
     segment_migration.png   old -> new segment flows (with a previous refresh)
     user_embeddings_2d.png  users in 2-D by segment (with embeddings)
 
@@ -11,7 +11,7 @@ Inputs: the segments.json (`segrec train` or `segrec segments refresh`), and
 optionally the previous one (what changed), user embeddings (a refresh's
 embeddings.npz, any .npz with user_ids + embeddings, or a run dir whose user
 snapshot is computed with the run's model), and `compare_methods`: the same
-embeddings clustered by Ward and DBSCAN (trainer/segment_quality.py; DBSCAN's
+embeddings clustered by Ward and DBSCAN (trainer/segments/quality.py; DBSCAN's
 eps by the k-distance knee heuristic, `knee_eps`) with silhouette and ARI
 against the learned segments.
 
@@ -24,9 +24,7 @@ hidden. Their users are left out of the figures and gathered into one
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
-import io
 import json
 import os
 from typing import Optional, Sequence, Union
@@ -35,6 +33,7 @@ import numpy as np
 
 from trainer import reporting
 from trainer.segments import document, drift
+from trainer.segments.embeddings import EMBEDDINGS_NPZ, EmbeddingSet, load_embeddings, save_embeddings  # noqa: F401
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -43,90 +42,7 @@ SIZES_PNG = reporting.SIZES_PNG
 CATEGORIES_PNG = reporting.HEATMAP_PNG
 MIGRATION_PNG = "segment_migration.png"
 EMBEDDINGS_PNG = reporting.EMBEDDINGS_PNG
-EMBEDDINGS_NPZ = "embeddings.npz"  # what `segrec segments refresh` writes
 HIDDEN = "small segments (hidden)"
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddingSet:
-    """User embeddings with their segments.
-
-    user_ids [U] str; embeddings [U, d]; labels [U] segment per user (the
-    current segmentation); previous_labels [U] segment in the previous window
-    (-1 where the user was absent) or None; source: where they came from.
-    """
-
-    user_ids: np.ndarray
-    embeddings: np.ndarray
-    labels: np.ndarray
-    previous_labels: Optional[np.ndarray] = None
-    source: str = ""
-
-    def __post_init__(self):
-        n = len(self.user_ids)
-        if np.asarray(self.embeddings).ndim != 2 or len(self.embeddings) != n or len(self.labels) != n:
-            raise ValueError(f"{self.source or 'embeddings'}: user_ids ({n}), embeddings "
-                             f"{np.shape(self.embeddings)} and labels ({len(self.labels)}) disagree")
-        if self.previous_labels is not None and len(self.previous_labels) != n:
-            raise ValueError(f"{self.source or 'embeddings'}: previous_labels has {len(self.previous_labels)} entries, not {n}")
-
-
-def save_embeddings(path: str, emb: EmbeddingSet) -> None:
-    """The .npz `load_embeddings` reads (keys user_ids, embeddings, labels[, previous_labels])."""
-    import tensorflow as tf
-
-    arrays = {"user_ids": np.asarray(emb.user_ids, dtype=str), "embeddings": np.asarray(emb.embeddings, np.float32),
-              "labels": np.asarray(emb.labels, np.int64)}
-    if emb.previous_labels is not None:
-        arrays["previous_labels"] = np.asarray(emb.previous_labels, np.int64)
-    buf = io.BytesIO()  # zipfile seeks; GFile (gs://) cannot while writing
-    np.savez_compressed(buf, **arrays)
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(buf.getvalue())
-
-
-def load_embeddings(path: str, segments_doc: Optional[dict] = None) -> EmbeddingSet:
-    """Embeddings from a .npz, a refresh output dir (its embeddings.npz) or a `segrec train` run dir.
-
-    A .npz needs user_ids and embeddings; without labels (or segment_id) the
-    users are assigned to the nearest centroid of `segments_doc`. A run dir's
-    user snapshot (one row per user, as `segrec train` profiles them) is
-    computed with the run's model - it loads TensorFlow and takes seconds.
-    """
-    import tensorflow as tf
-
-    from trainer.model import run_dir as rd
-
-    if tf.io.gfile.isdir(path):
-        if tf.io.gfile.exists(rd.path(path, EMBEDDINGS_NPZ)):
-            return load_embeddings(rd.path(path, EMBEDDINGS_NPZ), segments_doc)
-        if tf.io.gfile.exists(rd.path(path, rd.MODEL_CONFIG)):
-            return _run_snapshot(path)
-        raise FileNotFoundError(f"{path}: neither a refresh output ({EMBEDDINGS_NPZ}) nor a `segrec train` run dir")
-    if not path.endswith(".npz"):
-        raise ValueError(f"{path}: embeddings must be an .npz file, a refresh output dir or a run dir")
-    with tf.io.gfile.GFile(path, "rb") as f:
-        data = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
-    for key in ("user_ids", "embeddings"):
-        if key not in data:
-            raise ValueError(f"{path}: no '{key}' array (has {sorted(data)})")
-    labels = data.get("labels", data.get("segment_id"))
-    if labels is None:
-        if segments_doc is None:
-            raise ValueError(f"{path}: no 'labels' array and no segments.json to assign users with")
-        labels, _ = drift.assign(data["embeddings"], document.centroids(segments_doc))
-    return EmbeddingSet(data["user_ids"].astype(str), np.asarray(data["embeddings"], np.float32),
-                        np.asarray(labels, np.int64), data.get("previous_labels"), source=path)
-
-
-def _run_snapshot(run_dir: str) -> EmbeddingSet:
-    from trainer.model import run_dir as rd
-    from trainer.model.outputs import user_snapshot
-
-    run = rd.load_run(run_dir)
-    user_ids, emb, seg, _, _ = user_snapshot(run.model, run.dataset_dir, run.text_cache,
-                                                   float(run.train_config.get("beta", 0.0)))
-    return EmbeddingSet(np.asarray(user_ids, dtype=str), emb, np.asarray(seg, np.int64), source=run_dir)
 
 
 # --- document model: blocks rendered to markdown and HTML ----------------------------------------

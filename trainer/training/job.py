@@ -1,4 +1,4 @@
-"""`segrec train`: dataset dir -> run dir (see trainer/run_dir.py).
+"""`segrec train`: dataset dir -> run dir (see trainer/model/run_dir.py).
 
 Phases, each resumable after an interruption:
   1. encoder: build the text encoder; with a frozen encoder, encode every
@@ -29,7 +29,7 @@ import trainer  # noqa: F401
 from trainer import features
 from trainer.data import tf_dataset as data_lib
 from trainer.model import run_dir as rd
-from trainer.model.outputs import user_snapshot
+from trainer.model.batched_outputs import user_snapshot
 from trainer.model.segrec_model import SegRecModel
 from trainer.model.text_encoder import TextCache, TextEncoder
 from trainer.segments import document as segments_document

@@ -6,7 +6,7 @@ A job is a list of worker pools (Vertex AI's CustomJob API):
     pool 1: replica_count - 1 workers (only when replica_count > 1)
 
 Pool 2 (parameter servers) and pool 3 (evaluators) are never created:
-training is synchronous all-reduce (trainer/distribution.py). Every replica
+training is synchronous all-reduce (trainer/training/distribution.py). Every replica
 runs `python -m trainer.task ARGS` either from this project's sdist on a
 prebuilt TensorFlow container (`package_uri`), or from a container image
 that has segrec installed (`container_image_uri`).
