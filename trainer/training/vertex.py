@@ -7,9 +7,10 @@ A job is a list of worker pools (Vertex AI's CustomJob API):
 
 Pool 2 (parameter servers) and pool 3 (evaluators) are never created:
 training is synchronous all-reduce (trainer/training/distribution.py). Every replica
-runs `python -m trainer.task ARGS` either from this project's sdist on a
-prebuilt TensorFlow container (`package_uri`), or from a container image
-that has segrec installed (`container_image_uri`).
+runs `python -m trainer.task ARGS` either from a container image that has
+segrec installed (`container_image_uri`: the segrec image of the repository's
+Dockerfile, by default `default_image_uri(project, region)`), or from this
+project's sdist on a prebuilt TensorFlow container (`package_uri`).
 
 `build_custom_job` returns the API's own proto type
 (`google.cloud.aiplatform_v1.types.CustomJob`), so field names, enum values
@@ -31,22 +32,54 @@ import sys
 from typing import List, Optional, Tuple
 
 INSTALL_HINT = "pip install 'segrec[vertex]'  (google-cloud-aiplatform)"
-# Prebuilt TensorFlow training containers for Python packages; segrec's own
-# pins (tensorflow 2.20.*) are pip-installed over the image's TensorFlow when
-# the package is installed, so the image mostly provides CUDA and Python.
+# Prebuilt TensorFlow training containers, only for the package path
+# (--package-uri / --build-package). Their TensorFlow is 2.17 on Python 3.10:
+# installing the package pip-installs segrec's tensorflow 2.20.* over it, and
+# on GPUs that TensorFlow meets CUDA libraries built for 2.17. The default is
+# the segrec image instead (`default_image_uri`), which carries TensorFlow
+# 2.20 with its own CUDA wheels.
 DEFAULT_EXECUTOR_IMAGE_CPU = "us-docker.pkg.dev/vertex-ai/training/tf-cpu.2-17.py310:latest"
 DEFAULT_EXECUTOR_IMAGE_GPU = "us-docker.pkg.dev/vertex-ai/training/tf-gpu.2-17.py310:latest"
+# Where `segrec vertex submit` looks for the segrec image unless told
+# otherwise: an Artifact Registry Docker repository named `segrec` in the
+# job's own project and region, image `segrec`, tagged with the version of
+# the installed segrec (k8s/README.md "The segrec image": build and push).
+IMAGE_REPOSITORY = "segrec"
+IMAGE_NAME = "segrec"
+
+
+def package_version() -> str:
+    """The installed segrec distribution's version (the default image tag)."""
+    try:
+        return importlib.metadata.version("segrec")
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError("segrec is not installed as a distribution, so the default image tag (its version) "
+                         "is unknown: give --container-image-uri") from None
+
+
+def default_image_uri(project: str, region: str, version: Optional[str] = None) -> str:
+    """The segrec image built from the repository's Dockerfile and pushed to
+    Artifact Registry in the job's project and region:
+    `REGION-docker.pkg.dev/PROJECT/segrec/segrec:VERSION`."""
+    if not project:
+        raise ValueError("--project is required (the Google Cloud project that runs the job)")
+    if not region:
+        raise ValueError("--region is required (e.g. us-central1)")
+    return (f"{region}-docker.pkg.dev/{project}/{IMAGE_REPOSITORY}/{IMAGE_NAME}:"
+            f"{version or package_version()}")
 
 
 @dataclasses.dataclass(frozen=True)
 class VertexJobConfig:
     """One Vertex AI custom training job (built by `segrec vertex submit`).
 
-    Exactly one of `package_uri` (gs:// sdist of this project, run with
-    `python_module` on `executor_image_uri`) and `container_image_uri` (an
-    image with segrec installed; runs `python -m python_module`) is set.
-    `args` go to trainer.task unchanged. `executor_image_uri=None` picks the
-    prebuilt TF CPU or GPU container by `accelerator_type`.
+    Exactly one of `container_image_uri` (an image with segrec installed,
+    normally `default_image_uri(project, region)`; runs `python -m
+    python_module`) and `package_uri` (gs:// sdist of this project, run with
+    `python_module` on `executor_image_uri`) is set. `args` go to
+    trainer.task unchanged. `executor_image_uri` belongs to the package path;
+    None there picks the prebuilt TF CPU or GPU container by
+    `accelerator_type`.
     """
 
     project: str
@@ -94,6 +127,9 @@ def validate(cfg: VertexJobConfig) -> None:
                          "(e.g. NVIDIA_TESLA_T4)")
     if cfg.accelerator_type and cfg.accelerator_count < 1:
         raise ValueError(f"--accelerator-type {cfg.accelerator_type} needs --accelerator-count >= 1")
+    if cfg.executor_image_uri and not cfg.package_uri:
+        raise ValueError("--executor-image-uri is the container that runs the package: it needs --package-uri "
+                         "or --build-package (with --container-image-uri, that image runs the job)")
     if bool(cfg.package_uri) == bool(cfg.container_image_uri):
         raise ValueError("give exactly one of --package-uri gs://.../segrec-*.tar.gz (or --build-package) "
                          "and --container-image-uri")
