@@ -50,7 +50,7 @@ SEGREC = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "trainer
 
 # Flags appended to heavy commands (argparse keeps the last value of a flag).
 TINY = {
-    "train": ["--encoder", "tiny", "--embedding-dim", "16", "--epochs", "1", "--warmup-epochs", "0",
+    "train": ["--encoder", "tiny", "--embedding-dim", "16", "--epochs", "1", "--warmup-epochs", "1",
               "--batch-size", "64", "--seed", "1"],
     "export": ["--recall-queries", "16"],
 }

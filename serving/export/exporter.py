@@ -4,7 +4,7 @@
       saved_model.pb, variables/      ServingModule (serving/export/signatures.py)
       assets.extra/tf_serving_warmup_requests
                                       PredictionLog records (serving_default)
-      segments.json                   the run's, or the --segments override
+      segments.json                   the run's, or the --segments-file override
       model_card.md                   data, metrics, date, index, recall@10
 
 The version is written to a hidden temp dir beside it and renamed into place

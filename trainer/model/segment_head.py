@@ -175,7 +175,7 @@ def choose_k(
     seed: Optional[int] = 0,
     sample_size: int = 5000,
 ) -> tuple[int, list[tuple[int, float]]]:
-    """Picks K by silhouette (cosine) over k_range (inclusive) for `--segments auto`.
+    """Picks K by silhouette (cosine) over k_range (inclusive) for `--num-segments auto`.
 
     Returns (best_k, [(k, silhouette), ...]). Silhouette is computed on at
     most `sample_size` points (seeded) to stay O(sample^2).

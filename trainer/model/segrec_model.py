@@ -378,7 +378,7 @@ class SegRecModel(keras.Model):
     # --- segments --------------------------------------------------------------------
     def with_num_segments(self, num_segments: int) -> "SegRecModel":
         """A copy with K = num_segments and the same tower/encoder weights
-        (for `--segments auto`: warm up, choose_k, then continue)."""
+        (for `--num-segments auto`: warm up, choose_k, then continue)."""
         config = self.get_config()
         config["num_segments"] = int(num_segments)
         clone = type(self).from_config(config)

@@ -119,7 +119,7 @@ def choose_segments(
     max_batches: Optional[int] = 50,
     seed: Optional[int] = 0,
 ) -> tuple[int, list[tuple[int, float]]]:
-    """`--segments auto`: (best K, [(k, silhouette)]) on the model's user
+    """`--num-segments auto`: (best K, [(k, silhouette)]) on the model's user
     embeddings. Follow with `model.with_num_segments(best_k)`."""
     return choose_k(collect_user_embeddings(model, dataset, max_batches), k_range, seed=seed)
 

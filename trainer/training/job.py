@@ -5,7 +5,7 @@ Phases, each resumable after an interruption:
      distinct user_text once into text_cache.npz (reused on resume);
   2. warm-up: `warmup_epochs` of retrieval loss only, so user embeddings mean
      something before they are clustered (checkpoints/warmup.weights.h5);
-  3. segments: `--segments auto` picks K by a silhouette sweep (recorded in
+  3. segments: `--num-segments auto` picks K by a silhouette sweep (recorded in
      segment_sweep.json), then centroids := k-means of user embeddings;
   4. joint training: retrieval + alpha * clustering loss, Recall@K on the
      eval split each epoch, early stopping, best weights kept; Keras'
@@ -71,7 +71,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if not (isinstance(self.segments, int) and self.segments >= 2) and self.segments != "auto":
-            raise ValueError(f"--segments must be an integer >= 2 or 'auto', got {self.segments!r}")
+            raise ValueError(f"--num-segments must be an integer >= 2 or 'auto', got {self.segments!r}")
         lo, hi = self.segments_range
         if not 2 <= lo <= hi:
             raise ValueError(f"--segments-range must satisfy 2 <= lo <= hi, got {self.segments_range}")
@@ -81,7 +81,7 @@ class TrainConfig:
         if self.warmup_epochs < 0 or self.finetune_layers < 0 or self.patience < 0:
             raise ValueError("--warmup-epochs, --finetune-layers and --patience must be >= 0")
         if self.segments == "auto" and self.warmup_epochs < 1:
-            raise ValueError("--segments auto needs --warmup-epochs >= 1 (it clusters warmed-up embeddings)")
+            raise ValueError("--num-segments auto needs --warmup-epochs >= 1 (it clusters warmed-up embeddings)")
 
 
 @dataclasses.dataclass(frozen=True)
