@@ -21,6 +21,11 @@ INSTALL_REQUIRES = [
     # Fast CRC32C for TFRecord writes (Beam falls back to crcmod).
     "google-crc32c>=1.5",
     "tensorflow-serving-api==2.20.*",
+    # `segrec serve`: grpc.health.v1 and server reflection. 1.81 is the newest
+    # line that accepts protobuf 6 (1.82+ require protobuf >= 7.35); this stack
+    # (TF 2.20, grpcio 1.85) is installed and tested with protobuf 6.33.
+    "grpcio-health-checking==1.81.*",
+    "grpcio-reflection==1.81.*",
     # Beam's TensorFlow RunInference handler imports tensorflow_hub.
     "tensorflow-hub>=0.16,<0.17",
     # keras-hub reads the pretrained encoder's model.safetensors.

@@ -55,7 +55,7 @@ TEXTS = ["loves hiking and camping in the mountains", "plays guitar in a band on
 
 def _cli(args: list, log) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "trainer.cli.main"] + args, check=True, cwd=ROOT, stdout=log,
+    subprocess.run([sys.executable, "-m", "trainer.cli"] + args, check=True, cwd=ROOT, stdout=log,
                    stderr=subprocess.STDOUT, timeout=1800)
     return round(time.perf_counter() - start, 1)
 
@@ -101,7 +101,7 @@ def _healthy(target: str) -> bool:
 
 def start_server(base: str, batch: int, timeout_ms: float, log_path: str):
     port = _free_port()
-    cmd = [sys.executable, "-m", "trainer.cli.main", "serve", "--model-base-path", base, "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "trainer.cli", "serve", "--model-base-path", base, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch-size", str(batch), "--batch-timeout-ms", str(timeout_ms)]
     log = open(log_path, "w", encoding="utf-8")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

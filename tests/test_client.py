@@ -22,11 +22,12 @@ TOKEN = "s3cret"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_generated):
-    from serving.server import grpc_server as srv
+    from serving.server import app as srv
+    from serving.server.config import ServeConfig
 
     export_dir = build_tiny_export(tmp_path_factory, tiny_generated)
     base = copy_base(export_dir, tmp_path_factory.mktemp("client_base"))
-    config = srv.ServeConfig(model_base_path=base, port=0, token=TOKEN, batch_timeout_ms=20, poll_seconds=30)
+    config = ServeConfig(model_base_path=base, port=0, token=TOKEN, batch_timeout_ms=20, poll_seconds=30)
     s = srv.Server(config)
     port = s.start()
     yield {"target": f"127.0.0.1:{port}", "export": export_dir, "ids": item_ids(export_dir), "server": s}

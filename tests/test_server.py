@@ -325,6 +325,40 @@ def test_metadata_status_and_labels(served, stub):
 
 
 @integration
+def test_health_and_reflection_list_the_services(served):
+    """grpc.health.v1 Check / Watch, and server reflection as grpcurl uses it: list, then describe."""
+    import grpc
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(served["target"]) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == serving
+        with pytest.raises(grpc.RpcError) as err:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == serving
+        watch.cancel()
+        asks = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="tensorflow.serving.PredictionService")]
+        listed, described = list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter(asks),
+                                                                                                    timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert "tensorflow.serving.PredictionService" in names
+    assert names == {"tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+                     "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    # What grpcurl needs to call Predict: the service's file (and the files it imports).
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in described.file_descriptor_response.file_descriptor_proto]
+    assert "Predict" in [m.name for f in files for s in f.service if s.name == "PredictionService" for m in s.method]
+    assert "tensorflow_serving/apis/predict.proto" in {f.name for f in files}
+
+
+@integration
 def test_rest_equals_grpc(served, stub):
     import json
     import urllib.request
@@ -741,8 +775,110 @@ def test_model_manager_keeps_the_old_version_when_a_new_one_fails(tmp_path):
     assert err.value.code == "INVALID_ARGUMENT"
 
 
+def _fake_loader(path, version):
+    from serving.server import model_manager as mm
+
+    return mm.LoadedVersion(version, path, None, {}, {}, None)
+
+
+def test_health_follows_the_loaded_versions_and_drain(tmp_path):
+    """In-process server, no model: NOT_SERVING until a version loads, SERVING then
+    (pushed to Watch), NOT_SERVING once stop() drains; reflection needs the token."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from serving.server import app
+    from serving.server.config import ServeConfig
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    server = app.Server(ServeConfig(model_base_path=str(tmp_path), port=0, poll_seconds=3600, token="t",
+                                    grace_seconds=5), loader=_fake_loader)
+    port = server.start()
+    stopper = threading.Thread(target=server.stop)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            check = lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status  # noqa: E731
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="tensorflow.serving.PredictionService"),
+                                 timeout=30)
+            assert check() == not_serving and next(watch).status == not_serving
+            version = tmp_path / "segrec" / "1"
+            version.mkdir(parents=True)
+            (version / "saved_model.pb").write_text("ok")
+            server.manager.poll_once()
+            assert next(watch).status == serving and check() == serving
+            reflect = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo
+            ask = [reflection_pb2.ServerReflectionRequest(list_services="")]
+            with pytest.raises(grpc.RpcError) as err:
+                list(reflect(iter(ask), timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            (listed,) = reflect(iter(ask), timeout=10, metadata=(("authorization", "Bearer t"),))
+            assert "tensorflow.serving.PredictionService" in {s.name for s in listed.list_services_response.service}
+            stopper.start()
+            assert next(watch).status == not_serving
+            watch.cancel()
+    finally:
+        if stopper.ident is None:
+            server.stop()
+        else:
+            stopper.join(30)
+    assert not server.is_serving()
+
+
+def test_rest_errors_auth_and_routes():
+    """The REST app over a fake predictor: {"error": ...} with TF Serving's HTTP statuses."""
+    import types
+
+    from fastapi.testclient import TestClient
+
+    from serving.server import rest_api
+    from serving.server.errors import ServeError
+
+    seen = []
+
+    class Predictor:
+        config = types.SimpleNamespace(max_message_bytes=100)
+        metrics = types.SimpleNamespace(observe_request=lambda method, code, s: seen.append((method, code)))
+
+        def status(self, request):
+            if request.model_spec.name == "boom":
+                raise RuntimeError("a bug")
+            if request.model_spec.version.value == 3:
+                raise ServeError("NOT_FOUND", "model_spec.version: no version [3]")
+            return types.SimpleNamespace(model_version_status=[types.SimpleNamespace(
+                version=1, state=30, status=types.SimpleNamespace(error_code=0, error_message=""))])
+
+        def resolve(self, spec):
+            raise ServeError("FAILED_PRECONDITION", f"nothing loaded for label {spec.version_label!r}")
+
+    api = TestClient(rest_api.create_app(Predictor(), token="t"), raise_server_exceptions=False)
+    auth = {"Authorization": "Bearer t"}
+    cases = [("GET", "/v1/models/segrec", None, {}, 401),
+             ("GET", "/v1/models/segrec", None, auth, 200),
+             ("GET", "/v1/models/segrec/versions/3", None, auth, 404),
+             ("GET", "/v1/models/boom", None, auth, 500),
+             ("GET", "/nowhere", None, auth, 404),
+             ("POST", "/v1/models/segrec", b"{}", auth, 404),
+             ("GET", "/v1/models/segrec:predict", None, auth, 404),
+             ("POST", "/v1/models/segrec:predict", b"[]", auth, 400),
+             ("POST", "/v1/models/segrec:predict", b"x" * 101, auth, 400),
+             ("POST", "/v1/models/segrec/labels/gold:predict", b'{"inputs": {}}', auth, 400)]
+    for method, path, body, headers, status in cases:
+        got = api.request(method, path, content=body, headers=headers)
+        assert got.status_code == status, (method, path, got.text)
+        if status != 200:
+            assert set(got.json()) == {"error"}, (method, path, got.text)
+    assert api.get("/v1/models/segrec", headers=auth).json() == {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    assert "gold" in api.post("/v1/models/segrec/labels/gold:predict", content=b'{"inputs": {}}',
+                              headers=auth).json()["error"]
+    assert seen[:4] == [("REST GET", "UNAUTHENTICATED"), ("REST GET", "OK"), ("REST GET", "NOT_FOUND"),
+                        ("REST GET", "INTERNAL")]
+
+
 def test_parse_labels():
-    from serving.server import grpc_server as server
+    from serving.server import config as server
 
     assert server.parse_labels("stable=1, canary=2") == (("stable", 1), ("canary", 2))
     assert server.parse_labels("") == ()

@@ -20,9 +20,6 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-# grpc.health.v1.HealthCheckResponse{status: SERVING}, serialized.
-_SERVING = b"\x08\x01"
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the server binds it right after)."""
@@ -35,6 +32,7 @@ def health_status(target: str, timeout: float = 1.0, tls_ca: Optional[bytes] = N
                   token: Optional[str] = None) -> bool:
     """True when the server at `target` answers the standard gRPC health check with SERVING."""
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     if tls_ca is not None:
         channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca))
@@ -42,9 +40,10 @@ def health_status(target: str, timeout: float = 1.0, tls_ca: Optional[bytes] = N
         channel = grpc.insecure_channel(target)
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     with channel:
-        check = channel.unary_unary("/grpc.health.v1.Health/Check")
         try:
-            return check(b"", timeout=timeout, metadata=metadata) == _SERVING
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout,
+                                                                 metadata=metadata)
+            return response.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             return False
 
@@ -99,7 +98,7 @@ class ServerProcess:
         return f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port else None
 
     def command(self) -> list:
-        return [sys.executable, "-m", "trainer.cli.main", "serve", "--model-base-path", self.model_base_path,
+        return [sys.executable, "-m", "trainer.cli", "serve", "--model-base-path", self.model_base_path,
                 "--host", self.host, "--port", str(self.port), "--rest-port", str(self.rest_port),
                 "--metrics-port", str(self.metrics_port), *self.extra_args]
 

@@ -1,4 +1,5 @@
-"""The REST subset of TF Serving's JSON API, over the same `Predictor` as gRPC.
+"""The REST subset of TF Serving's JSON API: a FastAPI app over the same
+`Predictor` as gRPC, served by uvicorn next to the gRPC port.
 
     POST /v1/models/<name>[/versions/<N>|/labels/<L>]:predict
          {"signature_name": ..., "inputs": {...}}     -> {"outputs": {...}}
@@ -13,118 +14,157 @@ value per row: columnar `"inputs": {"user_text": [...], ..., "k": [10, 5],
 "beta": [0.5, 0.0]}`, or per instance in the row format `"instances":
 [{"user_text": "...", "history_item_ids": [...], "k": 10, "beta": 0.5}, ...]`
 (instances' histories of different lengths are right-padded with "").
-Errors are {"error": "..."} with an HTTP status for the code.
+Errors are {"error": "..."} with an HTTP status for the code (any other path
+or method: 404). With a token, every request needs `Authorization: Bearer <token>`.
+
+`RestServer` runs uvicorn in a thread on a socket bound at construction;
+`stop()` stops accepting and lets the in-flight requests finish.
 """
 
 from __future__ import annotations
 
-import http.server
 import json
-import re
+import logging
+import socket
 import threading
 from typing import Optional
 
 import numpy as np
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
+from serving.server.errors import ServeError
 from trainer import features
 
-_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-                   r"(?P<verb>:predict|/metadata)?$")
+_LOG = logging.getLogger("segrec.serve")
 _HTTP = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400, "RESOURCE_EXHAUSTED": 429,
          "UNAUTHENTICATED": 401, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "INTERNAL": 500}
 _STATES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
 _CODES = {0: "OK", 3: "INVALID_ARGUMENT", 5: "NOT_FOUND", 13: "INTERNAL"}
+# Where a model_spec can point: the latest version, a version, a label.
+_SPECS = ("/v1/models/{name}", "/v1/models/{name}/versions/{version:int}", "/v1/models/{name}/labels/{label}")
+_USAGE = "use /v1/models/<name>[:predict]"
 
 
 class RestServer:
-    def __init__(self, predictor, host: str, port: int, token: Optional[str] = None):
-        self.predictor = predictor
-        handler = _handler_class(predictor, token)
-        self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="segrec-rest", daemon=True)
+    """The app of `create_app` under uvicorn, in a daemon thread, on host:port (0 = any free port)."""
 
-    def start(self) -> None:
+    def __init__(self, predictor, host: str, port: int, token: Optional[str] = None, grace_seconds: float = 10.0):
+        import uvicorn
+
+        self.predictor = predictor
+        self._socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(create_app(predictor, token), log_config=None, log_level="warning",
+                                access_log=False, lifespan="off", timeout_graceful_shutdown=grace_seconds)
+        self.server = uvicorn.Server(config)
+        self._grace_seconds = grace_seconds
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
+                                        name="segrec-rest", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> None:
         self._thread.start()
+        self._thread.join(0)
+        for _ in range(int(timeout / 0.01)):
+            if self.server.started or not self._thread.is_alive():
+                break
+            self._thread.join(0.01)
+        if not self.server.started:
+            raise OSError(f"the REST server did not start on port {self.port}")
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        """Stop accepting; answer what is in flight (up to grace_seconds)."""
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(self._grace_seconds + 5)
+        self._socket.close()
 
 
-def _handler_class(predictor, token):
-    from serving.server.grpc_server import ServeError
+def create_app(predictor, token: Optional[str] = None):
+    """The FastAPI app of the routes above; every call is counted as `REST <method>` in the metrics."""
+    app = FastAPI(title="segrec serve REST", openapi_url=None, docs_url=None, redoc_url=None)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def error(request: Request, code: str, message: str):
+        request.state.code = code
+        return _json(_HTTP.get(code, 500), {"error": message})
 
-        def log_message(self, fmt, *args):  # quiet: metrics count the calls
-            pass
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        request.state.code = "OK"
+        try:
+            if token and request.headers.get("authorization") != f"Bearer {token}":
+                return error(request, "UNAUTHENTICATED", "missing or wrong bearer token (header Authorization)")
+            return await call_next(request)
+        except Exception as err:  # noqa: BLE001  (a server bug; the server keeps serving)
+            _LOG.exception("REST %s %s failed", request.method, request.url.path)
+            return error(request, "INTERNAL", f"{type(err).__name__}")
+        finally:
+            if predictor.metrics is not None:
+                predictor.metrics.observe_request(f"REST {request.method}", request.state.code, 0.0)
 
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, err: ServeError):
+        return error(request, err.code, str(err))
 
-        def _dispatch(self, method: str) -> None:
-            code = "OK"
-            try:
-                if token and self.headers.get("Authorization") != f"Bearer {token}":
-                    raise ServeError("UNAUTHENTICATED", "missing or wrong bearer token (header Authorization)")
-                m = _PATH.match(self.path.split("?")[0])
-                if not m:
-                    raise ServeError("NOT_FOUND", f"no route {self.path!r}; use /v1/models/<name>[:predict]")
-                spec = _model_spec(m)
-                if method == "POST" and m.group("verb") == ":predict":
-                    length = int(self.headers.get("Content-Length") or 0)
-                    if length > predictor.config.max_message_bytes:
-                        raise ServeError("INVALID_ARGUMENT", f"body of {length} bytes is over the limit")
-                    self._send(200, predict_json(predictor, spec, self.rfile.read(length)))
-                elif method == "GET" and m.group("verb") == "/metadata":
-                    self._send(200, metadata_json(predictor, spec))
-                elif method == "GET" and not m.group("verb"):
-                    self._send(200, status_json(predictor, spec))
-                else:
-                    raise ServeError("NOT_FOUND", f"{method} {self.path} is not supported")
-            except ServeError as err:
-                code = err.code
-                self._send(_HTTP.get(err.code, 500), {"error": str(err)})
-            except Exception as err:  # noqa: BLE001  (a server bug; the server keeps serving)
-                code = "INTERNAL"
-                self._send(500, {"error": f"{type(err).__name__}"})
-            finally:
-                if predictor.metrics is not None:
-                    predictor.metrics.observe_request(f"REST {method}", code, 0.0)
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, err: HTTPException):  # no such path, or not with this method: 404
+        path = request.url.path
+        if err.status_code == 405:
+            return error(request, "NOT_FOUND", f"{request.method} {path} is not supported")
+        return error(request, "NOT_FOUND", f"no route {path!r}; {_USAGE}")
 
-        def do_POST(self):
-            self._dispatch("POST")
+    async def answer(fn, *args):
+        """200 with the JSON of fn(*args), run in a worker thread (it waits for the model)."""
+        return _json(200, await run_in_threadpool(fn, *args))
 
-        def do_GET(self):
-            self._dispatch("GET")
+    async def predict(request: Request):
+        spec = _model_spec(request)
+        length = int(request.headers.get("content-length") or 0)
+        if length > predictor.config.max_message_bytes:
+            raise ServeError("INVALID_ARGUMENT", f"body of {length} bytes is over the limit")
+        body = await request.body()
+        if len(body) > predictor.config.max_message_bytes:
+            raise ServeError("INVALID_ARGUMENT", f"body of {len(body)} bytes is over the limit")
+        return await answer(predict_json, predictor, spec, body)
 
-    return Handler
+    async def status(request: Request):
+        return await answer(status_json, predictor, _model_spec(request))
+
+    async def metadata(request: Request):
+        return await answer(metadata_json, predictor, _model_spec(request))
+
+    for path in _SPECS:
+        app.add_api_route(path + ":predict", predict, methods=["POST"])
+        app.add_api_route(path + "/metadata", metadata, methods=["GET"])
+        app.add_api_route(path, status, methods=["GET"])
+    return app
 
 
-def _model_spec(m):
+def _json(status: int, body: dict):
+    """json.dumps as TF Serving's REST API: -inf scores of padding slots stay -Infinity."""
+    return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+
+def _model_spec(request: Request):
     from tensorflow_serving.apis import model_pb2
 
-    spec = model_pb2.ModelSpec(name=m.group("name"))
-    if m.group("version"):
-        spec.version.value = int(m.group("version"))
-    if m.group("label"):
-        spec.version_label = m.group("label")
+    params = request.path_params
+    # Starlette's {name} / {label} take any text but "/"; TF Serving's names have no ":" either.
+    if any(":" in str(params.get(key, "")) for key in ("name", "label")):
+        raise ServeError("NOT_FOUND", f"{request.method} {request.url.path} is not supported; {_USAGE}")
+    spec = model_pb2.ModelSpec(name=params["name"])
+    if "version" in params:
+        spec.version.value = params["version"]
+    if "label" in params:
+        spec.version_label = params["label"]
     return spec
 
 
 def predict_json(predictor, spec, body: bytes) -> dict:
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
-
-    from serving.server.grpc_server import ServeError
 
     try:
         doc = json.loads(body or b"{}")
@@ -158,8 +198,6 @@ def predict_json(predictor, spec, body: bytes) -> dict:
 
 
 def _columns(instances, specs) -> dict:
-    from serving.server.grpc_server import ServeError
-
     if not isinstance(instances, list) or not instances or not all(isinstance(r, dict) for r in instances):
         raise ServeError("INVALID_ARGUMENT", "instances: must be a non-empty list of objects")
     cols = {}

@@ -72,7 +72,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace, beam_args) -> int:
     import os
 
-    from serving.server import grpc_server as server
+    from serving.server import app as server
+    from serving.server import config as serve_config
 
     if not os.path.isdir(args.model_base_path):
         raise UserError(f"--model-base-path {args.model_base_path} is not a directory")
@@ -88,11 +89,11 @@ def run_serve(args: argparse.Namespace, beam_args) -> int:
         token = os.environ.get(args.token_env)
         if not token:
             raise UserError(f"--token-env {args.token_env}: the variable is not set")
-    config = server.ServeConfig(
+    config = serve_config.ServeConfig(
         model_base_path=args.model_base_path, model_name=args.model_name, host=args.host, port=args.port,
         poll_seconds=args.poll_seconds, max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
         max_queue=args.max_queue, rest_port=args.rest_port, metrics_port=args.metrics_port,
-        version_labels=server.parse_labels(args.version_labels),
+        version_labels=serve_config.parse_labels(args.version_labels),
         max_string_bytes=int(args.max_string_mb * 1024 * 1024), token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, batch_threads=args.batch_threads,
         fault_delay_ms=args.fault_delay_ms)
