@@ -1,5 +1,8 @@
 """Tests of trainer.sasrec: SASRec learns order, is causal, selects its epoch on validation."""
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -10,7 +13,7 @@ from trainer.sasrec import SASRecBaseline
 N_ITEMS = 30
 N_CHAIN = 25  # items 0..24 form a ring; 25..29 are blockbusters
 WALK = 7  # chain items per user: 5 train, 1 validation, 1 test
-TINY = dict(embedding_dim=16, max_len=8, dropout=0.1, learning_rate=5e-3, batch_size=32, seed=0)
+TINY = {"embedding_dim": 16, "max_len": 8, "dropout": 0.1, "learning_rate": 5e-3, "batch_size": 32, "seed": 0}
 
 
 def _chains(seed=0, n_users=120):
@@ -121,7 +124,7 @@ def test_without_validation_trains_max_epochs_and_is_seeded():
 
 
 def test_score_shape_dtype_and_unknown_users(fitted):
-    model, d = fitted
+    model, _ = fitted
     s = model.score(np.array([0, 3, 10_000]))
     assert s.shape == (3, N_ITEMS) and s.dtype == np.float32
     assert np.all(s[2] == 0.0) and np.all(np.isfinite(s))
@@ -139,10 +142,10 @@ def test_config_round_trip():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(embedding_dim=10, num_heads=3), "multiple of num_heads"),
-        (dict(dropout=1.0), "dropout"),
-        (dict(max_len=0), "max_len"),
-        (dict(select_metric="mrr"), "select_metric"),
+        ({"embedding_dim": 10, "num_heads": 3}, "multiple of num_heads"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"max_len": 0}, "max_len"),
+        ({"select_metric": "mrr"}, "select_metric"),
     ],
 )
 def test_bad_config_errors(kwargs, match):
@@ -166,5 +169,16 @@ def test_bad_input_errors():
     model.fit(tu, ti, N_ITEMS, timestamps=tts)
     with pytest.raises(ValueError, match="shape"):
         model.hidden_states(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="outside"):
+        model.hidden_states(np.full((1, model.max_len), N_ITEMS))
     with pytest.raises(ValueError, match="negative"):
         model.score(np.array([-1]))
+
+
+def test_copy_and_pickle_keep_the_selected_weights(fitted):
+    model, _ = fitted
+    users = np.arange(6)
+    expected = model.score(users)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        np.testing.assert_allclose(clone.score(users), expected, atol=1e-5)
+        assert clone.selection_ == model.selection_

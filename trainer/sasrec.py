@@ -151,8 +151,7 @@ class SASRecBaseline(Baseline):
 
     def _build(self, weights: dict):
         """tf.Variables and compiled functions for the given numpy weights."""
-        import trainer  # noqa: F401  (environment before tensorflow)
-        import tensorflow as tf
+        import tensorflow as tf  # after trainer._env (imported with trainer.metrics above)
 
         v = {k: tf.Variable(a, name=k) for k, a in weights.items()}
         d, h, n_blocks, rate = self.embedding_dim, self.num_heads, self.num_blocks, self.dropout
@@ -183,14 +182,14 @@ class SASRecBaseline(Baseline):
             allowed = causal[None] & ((seq > 0)[:, None, :] | tf.eye(T, dtype=tf.bool)[None])  # [B, T, T]
             bias = tf.where(allowed, 0.0, -1e9)[:, None]  # [B, 1, T, T]
             for b in range(n_blocks):
-                p = lambda name: v[f"b{b}_{name}"]  # noqa: E731
-                y = ln(x, p("ln1_g"), p("ln1_b"))
-                q, k, val = heads(y @ p("wq")), heads(y @ p("wk")), heads(y @ p("wv"))
+                p = {name[len(f"b{b}_"):]: x_ for name, x_ in v.items() if name.startswith(f"b{b}_")}
+                y = ln(x, p["ln1_g"], p["ln1_b"])
+                q, k, val = heads(y @ p["wq"]), heads(y @ p["wk"]), heads(y @ p["wv"])
                 att = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) / math.sqrt(d // h) + bias)  # [B, h, T, T]
                 o = tf.transpose(tf.matmul(drop(att, training), val), [0, 2, 1, 3])  # [B, T, h, d/h]
-                x = x + drop(tf.reshape(o, tf.shape(x)) @ p("wo"), training)
-                y = ln(x, p("ln2_g"), p("ln2_b"))
-                y = drop(tf.nn.relu(y @ p("w1") + p("b1")), training) @ p("w2") + p("b2")
+                x = x + drop(tf.reshape(o, tf.shape(x)) @ p["wo"], training)
+                y = ln(x, p["ln2_g"], p["ln2_b"])
+                y = drop(tf.nn.relu(y @ p["w1"] + p["b1"]), training) @ p["w2"] + p["b2"]
                 x = (x + drop(y, training)) * valid
             return ln(x, v["ln_g"], v["ln_b"])
 
@@ -213,11 +212,11 @@ class SASRecBaseline(Baseline):
             grads = tape.gradient(loss, v)
             step.assign_add(1.0)
             corr = tf.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-            for k in v:
+            for k, var in v.items():
                 g = tf.convert_to_tensor(grads[k])
                 opt_m[k].assign(beta1 * opt_m[k] + (1 - beta1) * g)
                 opt_v[k].assign(beta2 * opt_v[k] + (1 - beta2) * tf.square(g))
-                v[k].assign_sub(lr * corr * opt_m[k] / (tf.sqrt(opt_v[k]) + eps))
+                var.assign_sub(lr * corr * opt_m[k] / (tf.sqrt(opt_v[k]) + eps))
             return loss
 
         @tf.function(input_signature=[spec])
@@ -326,7 +325,7 @@ class SASRecBaseline(Baseline):
                            "best_epoch": best_epoch, "best_value": best, "epochs_run": epoch, "curve": curve}
         return self
 
-    def set_history(self, user_idx, item_idx, timestamps=None, n_users=None) -> "SASRecBaseline":
+    def set_history(self, user_idx, item_idx, timestamps=None, n_users=None) -> SASRecBaseline:
         """Replaces every user's scoring history with these (user, item) pairs.
 
         Ordered like `fit` (by `timestamps` [P], stable). Use it before
@@ -347,6 +346,8 @@ class SASRecBaseline(Baseline):
         seq = np.asarray(seq, np.int64)
         if seq.ndim != 2 or seq.shape[1] != self.max_len:
             raise ValueError(f"seq must have shape [batch, {self.max_len}]; got {seq.shape}")
+        if seq.size and (seq.min() < -1 or seq.max() >= self.n_items_):
+            raise ValueError(f"seq holds indices outside [-1, n_items={self.n_items_})")
         return self._encoder()(np.asarray(seq + 1, np.int32)).numpy()
 
     def _encoder(self):
