@@ -8,7 +8,7 @@ validation = the one before, train = the rest. SASRec is trained on train
 with the epoch chosen on validation (training items excluded); test is then
 scored with history = train + validation, ranking the full catalog with every
 item the user consumed in train + validation excluded (pessimistic ties, via
-trainer.metrics). Prints validation and test Recall@10/@50, NDCG@10 and the
+trainer.evaluation.ranking). Prints validation and test Recall@10/@50, NDCG@10 and the
 wall time. Reference (a plain SASRec on this split): test Recall@10 ≈ 0.199,
 Recall@50 ≈ 0.491, NDCG@10 ≈ 0.107.
 """
@@ -25,8 +25,8 @@ import numpy as np
 
 import trainer  # noqa: F401
 from bench import machine
-from trainer import metrics
-from trainer.sasrec import SASRecBaseline
+from trainer.evaluation import ranking as metrics
+from trainer.evaluation.sasrec import SASRecBaseline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import trainer  # noqa: F401  (environment before tensorflow)
-from trainer import baselines, metrics
-from trainer.sasrec import SASRecBaseline
+from trainer.evaluation import baselines
+from trainer.evaluation import ranking as metrics
+from trainer.evaluation.sasrec import SASRecBaseline
 
 N_ITEMS = 30
 N_CHAIN = 25  # items 0..24 form a ring; 25..29 are blockbusters

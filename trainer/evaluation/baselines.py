@@ -28,7 +28,7 @@ import scipy.sparse as sp
 logger = logging.getLogger(__name__)
 
 
-def _check_pairs(train_user_idx, train_item_idx, n_items, n_users):
+def check_pairs(train_user_idx, train_item_idx, n_items, n_users):
     users = np.asarray(train_user_idx, np.int64).reshape(-1)
     items = np.asarray(train_item_idx, np.int64).reshape(-1)
     if users.shape != items.shape:
@@ -81,7 +81,7 @@ class PopularityBaseline(Baseline):
         self.item_counts_ = None
 
     def fit(self, train_user_idx, train_item_idx, n_items, n_users=None):
-        _, items, n_items, _ = _check_pairs(train_user_idx, train_item_idx, n_items, n_users)
+        _, items, n_items, _ = check_pairs(train_user_idx, train_item_idx, n_items, n_users)
         self.item_counts_ = np.bincount(items, minlength=n_items).astype(np.float32)  # [N]
         return self
 
@@ -126,7 +126,7 @@ class EASEBaseline(Baseline):
         return {"l2": self.l2, "max_items": self.max_items, "float64_max_items": self.float64_max_items}
 
     def fit(self, train_user_idx, train_item_idx, n_items, n_users=None):
-        users, items, n_items, n_users = _check_pairs(train_user_idx, train_item_idx, n_items, n_users)
+        users, items, n_items, n_users = check_pairs(train_user_idx, train_item_idx, n_items, n_users)
         counts = np.bincount(items, minlength=n_items)
         if n_items > self.max_items:
             order = np.lexsort((np.arange(n_items), -counts))
@@ -223,7 +223,7 @@ class IdTwoTowerBaseline(Baseline):
         }
 
     def fit(self, train_user_idx, train_item_idx, n_items, n_users=None):
-        users, items, n_items, n_users = _check_pairs(train_user_idx, train_item_idx, n_items, n_users)
+        users, items, n_items, n_users = check_pairs(train_user_idx, train_item_idx, n_items, n_users)
         if users.size == 0:
             raise ValueError("IdTwoTowerBaseline.fit needs at least one (user, item) training pair")
         import tensorflow as tf

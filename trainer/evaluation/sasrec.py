@@ -3,7 +3,7 @@
 The strong, common sequential baseline: a user is the ordered sequence of the
 items they consumed, and the next item is predicted from the last `max_len`
 of them by a small causal Transformer. It answers a question the
-order-free baselines in `trainer.baselines` cannot: how much of the signal is
+order-free baselines in `trainer.evaluation.baselines` cannot: how much of the signal is
 "what comes next" rather than "what this user likes".
 
 Model, on a left-padded item sequence [batch, len] (internal id = item + 1,
@@ -34,8 +34,8 @@ import math
 
 import numpy as np
 
-from trainer import metrics
-from trainer.baselines import Baseline, _check_pairs
+from trainer.evaluation import ranking as metrics
+from trainer.evaluation.baselines import Baseline, check_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class SASRecBaseline(Baseline):
 
     def _build(self, weights: dict):
         """tf.Variables and compiled functions for the given numpy weights."""
-        import tensorflow as tf  # after trainer._env (imported with trainer.metrics above)
+        import tensorflow as tf  # after trainer._env (imported with trainer.evaluation.ranking above)
 
         v = {k: tf.Variable(a, name=k) for k, a in weights.items()}
         d, h, n_blocks, rate = self.embedding_dim, self.num_heads, self.num_blocks, self.dropout
@@ -276,13 +276,13 @@ class SASRecBaseline(Baseline):
             kept, training stops after `patience` evaluations without
             improvement or at `max_epochs`. Without them: `max_epochs` epochs.
         """
-        users, items, n_items, n_users = _check_pairs(train_user_idx, train_item_idx, n_items, n_users)
+        users, items, n_items, n_users = check_pairs(train_user_idx, train_item_idx, n_items, n_users)
         ts = _check_timestamps(timestamps, users.size, "train_user_idx")
         if (valid_user_idx is None) != (valid_item_idx is None):
             raise ValueError("pass both valid_user_idx and valid_item_idx, or neither")
         has_valid = valid_user_idx is not None and np.asarray(valid_user_idx).size > 0
         if has_valid:
-            vu, vi, _, _ = _check_pairs(valid_user_idx, valid_item_idx, n_items, n_users)
+            vu, vi, _, _ = check_pairs(valid_user_idx, valid_item_idx, n_items, n_users)
         seqs = _ordered_sequences(users, items, n_users, ts)
         inputs, targets = self._windows(seqs)
         self.n_items_ = n_items
@@ -335,7 +335,7 @@ class SASRecBaseline(Baseline):
         """
         self._check_fitted("weights_")
         n_users = max(self.history_.shape[0], int(np.max(user_idx, initial=-1)) + 1) if n_users is None else n_users
-        users, items, _, n_users = _check_pairs(user_idx, item_idx, self.n_items_, n_users)
+        users, items, _, n_users = check_pairs(user_idx, item_idx, self.n_items_, n_users)
         ts = _check_timestamps(timestamps, users.size, "user_idx")
         self.history_ = self._history_matrix(_ordered_sequences(users, items, n_users, ts))
         return self
