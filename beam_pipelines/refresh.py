@@ -11,9 +11,9 @@
     --> assignments, migration matrix and sizes (CombineGlobally), profile rows, embedding sample
 
 Both windows go through one RunInference with a KeyedModelHandler around
-beam_pipelines.inference's SegRecModelHandler, so each worker loads the
+inference.model_handler's SegRecModelHandler, so each worker loads the
 model once. A batch the model rejects is retried one user at a time
-(inference.RunInferenceRetrying); users rejected even alone are
+(inference.retrying.RunInferenceRetrying); users rejected even alone are
 dead-lettered (source "model", reason "inference_error", either window)
 and left out of the k-means, the assignments and the drift counts. Every
 aggregate is a Beam combine of bounded size: k-means statistics are [K, d]
@@ -27,6 +27,9 @@ the pipeline, and its bound:
   - embeddings.npz for `segrec segments report` from a fixed-size sample
     (`embedding_sample` users, Beam's Sample.FixedSizeGlobally).
 Without --as-of, a first small pipeline finds the last event time.
+This module is the driver (config, plan, `build_pipeline`, `run`); the
+pipeline's per-element steps are `refresh_steps`', and the figures and
+files written after the pipeline `refresh_report`'s.
 
 Output (`output_dir`):
     segments-v<N>.json   the new segments: centroids [K][d] in the format
@@ -65,22 +68,21 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
-from beam_pipelines import inference as inf
-from beam_pipelines import outputs
+from beam_pipelines import outputs, refresh_report, refresh_steps
 from beam_pipelines import transforms as T
+from beam_pipelines.inference import model_handler, retrying, user_queries
+from beam_pipelines.refresh_steps import CURRENT, PREVIOUS
 from beam_pipelines.sources import readers, records
 from serving.export import layout
 from trainer import features
-from trainer.contracts import SEGMENTS_FILE
+from trainer.contracts import SEGMENTS_FILE, USER_EMBEDDING
 from trainer.data import examples as ex
 from trainer.segments import document
 from trainer.segments import drift as sd
 
 _LOG = logging.getLogger("segrec.refresh")
 EXIT_DRIFT = 3  # `segrec segments refresh` exit status when retraining is advised
-CURRENT, PREVIOUS = "current", "previous"
 WORK_DIR = "_work"
-DAY = 86_400
 _VERSION_FILE = re.compile(r"^segments-v(\d+)\.json$")
 
 
@@ -98,7 +100,7 @@ class RefreshConfig:
     """
 
     model_dir: str
-    sources: tuple  # tuple[readers.SourceSpec, ...]
+    sources: tuple  # tuple[source_spec.SourceSpec, ...]
     output_dir: str
     as_of: Optional[int] = None
     window_days: float = 30.0
@@ -132,7 +134,7 @@ class RefreshConfig:
 
     @property
     def window_seconds(self) -> int:
-        return int(round(self.window_days * DAY))
+        return int(round(self.window_days * refresh_report.DAY))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,131 +168,6 @@ class RefreshSummary:
         return EXIT_DRIFT if self.drift["retrain_advised"] else 0
 
 
-# --- per-element steps (module-level: they pickle to workers) ---------------------------------------
-def _unpack(kv):
-    window, result = kv
-    q = result.example
-    return window, q.user_id, tuple(q.history_item_ids), np.asarray(result.inference[features.EMBEDDING], np.float32)
-
-
-def _rejected(failed):
-    """((window, UserQuery), error) of RunInferenceRetrying -> its dead letter and count."""
-    (window, query), error = failed
-    prefix = "" if window == CURRENT else f"{window}."
-    where = "" if window == CURRENT else f" ({window} window)"
-    yield beam.pvalue.TaggedOutput(T.DEAD, inf.inference_dead_letter(query, error, where))
-    yield beam.pvalue.TaggedOutput(T.COUNTS, (f"{prefix}dead.{inf.MODEL_SOURCE}.{inf.INFERENCE_ERROR}", 1))
-
-
-def _assign_one(uid_emb, centroids):
-    uid, emb = uid_emb
-    labels, cos = sd.assign(emb[None, :], centroids)
-    return uid, int(labels[0]), float(cos[0])
-
-
-def _batch_member(uid_emb, state):
-    _, emb = uid_emb
-    labels, _ = sd.assign(emb[None, :], state[0])
-    return int(labels[0]), emb
-
-
-class _StatsFn(beam.CombineFn):
-    """(segment, embedding [d]) -> (sums [K, d], counts [K]): one mini-batch's k-means statistics."""
-
-    def __init__(self, k: int, d: int):
-        self._k, self._d = k, d
-
-    def create_accumulator(self):
-        return np.zeros((self._k, self._d)), np.zeros(self._k)
-
-    def add_input(self, acc, element):
-        label, emb = element
-        sums, counts = acc
-        sums[label] += sd.unit(emb[None, :])[0]
-        counts[label] += 1
-        return sums, counts
-
-    def merge_accumulators(self, accs):
-        accs = list(accs)
-        return sum(a[0] for a in accs), sum(a[1] for a in accs)
-
-    def extract_output(self, acc):
-        return acc
-
-
-class _CountsFn(beam.CombineFn):
-    """Integer ids (or (a, b) pairs) -> counts [K] (or [K, K])."""
-
-    def __init__(self, shape: tuple):
-        self._shape = shape
-
-    def create_accumulator(self):
-        return np.zeros(self._shape, np.int64)
-
-    def add_input(self, acc, element):
-        acc[element] += 1
-        return acc
-
-    def merge_accumulators(self, accs):
-        return sum(accs)
-
-    def extract_output(self, acc):
-        return acc
-
-
-def _update(state, stats):
-    centroids, counts = state
-    return sd.apply_batch(centroids, counts, stats[0], stats[1])
-
-
-def _parse_assignment(line: str, k: int):
-    """A previous refresh's assignments line -> (user_id, segment), or a dead letter."""
-    try:
-        row = json.loads(line)
-        seg = int(row["segment"])
-        if not 0 <= seg < k:
-            raise ValueError(f"segment {seg} outside 0..{k - 1}")
-        yield str(row["user_id"]), seg
-    except (ValueError, KeyError, TypeError) as err:
-        yield beam.pvalue.TaggedOutput(T.DEAD, records.DeadLetter("previous_assignments", "line", "bad_assignment",
-                                                                   str(err), line[:500]))
-
-
-def _joined(element):
-    """(user_id, {new, old, hist, user}) -> one tagged output per kind of record."""
-    uid, g = element
-    new, old = list(g["new"]), list(g["old"])
-    prev = old[0] if old else None
-    if not new:
-        if old:
-            yield beam.pvalue.TaggedOutput(T.COUNTS, ("users.left", 1))  # in the previous window only
-        return
-    _, seg, cos, emb = new[0]
-    yield {"user_id": uid, "previous_segment": prev, "segment": seg, "similarity": round(cos, 6)}
-    if prev is not None:
-        yield beam.pvalue.TaggedOutput("pairs", (prev, seg))
-    else:
-        yield beam.pvalue.TaggedOutput(T.COUNTS, ("users.entered", 1))
-    hist = list(g["hist"])
-    users = list(g["user"])
-    yield beam.pvalue.TaggedOutput("profile", json.dumps(
-        {"user_id": uid, "segment": seg, "history": list(hist[0]) if hist else [],
-         "attributes": users[0] if users else {}}, sort_keys=True, ensure_ascii=False))
-    yield beam.pvalue.TaggedOutput("sample", (uid, -1 if prev is None else prev, seg, emb.tolist()))
-
-
-def _kmeans(emb, init, km: sd.KMeansSettings, k: int, d: int, prefix: str):
-    """(user_id, embedding) pcoll + singleton (centroids, counts) -> singleton after km.iterations mini-batches."""
-    state = init
-    for it in range(km.iterations):
-        member = emb | f"{prefix}Batch{it}" >> beam.Filter(
-            lambda r, it=it: sd.in_batch(r[0], it, km.batch_fraction, km.seed))
-        stats = (member | f"{prefix}Nearest{it}" >> beam.Map(_batch_member, beam.pvalue.AsSingleton(state))
-                 | f"{prefix}Stats{it}" >> beam.CombineGlobally(_StatsFn(k, d)))
-        state = state | f"{prefix}Update{it}" >> beam.Map(_update, beam.pvalue.AsSingleton(stats))
-    return state
-
-
 def _single(pcoll, path: str, label: str) -> None:
     pcoll | f"Write[{label}]" >> beam.io.WriteToText(path, num_shards=1, shard_name_template="")
 
@@ -315,22 +192,24 @@ def build_pipeline(p: beam.Pipeline, config: RefreshConfig, plan: RefreshPlan) -
 
     recs = {"interactions": read(records.INTERACTIONS), "items": read(records.ITEMS), "users": read(records.USERS)}
     w = config.window_seconds
-    cur = recs | "QueriesCurrent" >> inf.BuildUserQueries(config.policy, plan.as_of, w, min_rating=config.min_rating)
+    cur = recs | "QueriesCurrent" >> user_queries.BuildUserQueries(config.policy, plan.as_of, w,
+                                                                   min_rating=config.min_rating)
     dead.append(cur[T.DEAD])
     counts.append(cur[T.COUNTS])
     keyed = [cur.queries | "KeyCurrent" >> beam.Map(lambda q: (CURRENT, q))]
     if config.previous_assignments is None:
-        prev = recs | "QueriesPrevious" >> inf.BuildUserQueries(config.policy, plan.as_of - w, w,
-                                                                 min_rating=config.min_rating)
+        prev = recs | "QueriesPrevious" >> user_queries.BuildUserQueries(config.policy, plan.as_of - w, w,
+                                                                          min_rating=config.min_rating)
         # The previous window's row-level dead letters repeat the current one's; only its counts are kept.
         counts.append(prev[T.COUNTS] | "PrefixPrevious" >> beam.Map(lambda kv: (f"previous.{kv[0]}", kv[1])))
         keyed.append(prev.queries | "KeyPrevious" >> beam.Map(lambda q: (PREVIOUS, q)))
 
-    handler = KeyedModelHandler(inf.SegRecModelHandler(
-        plan.version_dir, inf.USER_EMBEDDING, min_batch_size=config.min_batch_size, max_batch_size=config.max_batch_size))
-    run = keyed | "FlattenQueries" >> beam.Flatten() | "RunInference" >> inf.RunInferenceRetrying(handler)
-    results = run["results"] | "Unpack" >> beam.Map(_unpack)
-    rejected = run[inf.FAILED] | "Rejected" >> beam.FlatMap(_rejected).with_outputs(T.DEAD, T.COUNTS)
+    handler = KeyedModelHandler(model_handler.SegRecModelHandler(
+        plan.version_dir, USER_EMBEDDING, min_batch_size=config.min_batch_size, max_batch_size=config.max_batch_size))
+    run = keyed | "FlattenQueries" >> beam.Flatten() | "RunInference" >> retrying.RunInferenceRetrying(handler)
+    results = run["results"] | "Unpack" >> beam.Map(refresh_steps.unpack_embedding)
+    rejected = run[retrying.FAILED] | "Rejected" >> beam.FlatMap(refresh_steps.rejected_dead_letter).with_outputs(
+        T.DEAD, T.COUNTS)
     dead.append(rejected[T.DEAD])
     counts += [run[T.COUNTS], rejected[T.COUNTS]]
     current = results | "OnlyCurrent" >> beam.Filter(lambda r: r[0] == CURRENT)
@@ -341,11 +220,12 @@ def build_pipeline(p: beam.Pipeline, config: RefreshConfig, plan: RefreshPlan) -
         prev_emb = (results | "OnlyPrevious" >> beam.Filter(lambda r: r[0] == PREVIOUS)
                     | "PrevEmbeddings" >> beam.Map(lambda r: (r[1], r[3])))
         old = (prev_emb
-               | "AssignOld" >> beam.Map(_assign_one, old_centroids)
+               | "AssignOld" >> beam.Map(refresh_steps.assign_one, old_centroids)
                | "OldLabel" >> beam.Map(lambda r: (r[0], r[1])))
     else:
         parsed = (p | "ReadPrevAssignments" >> beam.io.ReadFromText(config.previous_assignments)
-                  | "ParsePrevAssignments" >> beam.FlatMap(_parse_assignment, k).with_outputs(T.DEAD, main="rows"))
+                  | "ParsePrevAssignments" >> beam.FlatMap(refresh_steps.parse_assignment, k).with_outputs(
+                      T.DEAD, main="rows"))
         dead.append(parsed[T.DEAD])
         counts.append(parsed[T.DEAD] | "BadAssignKeys" >> beam.Map(lambda d_: ("dead.previous_assignments.bad_assignment", 1)))
         old = parsed.rows
@@ -353,25 +233,26 @@ def build_pipeline(p: beam.Pipeline, config: RefreshConfig, plan: RefreshPlan) -
 
     # Mini-batch k-means from the old centroids, prior counts = old sizes x prior_weight.
     old_sizes = (old | "OldSegment" >> beam.Map(lambda kv: kv[1])
-                 | "OldSizes" >> beam.CombineGlobally(_CountsFn((k,))))
+                 | "OldSizes" >> beam.CombineGlobally(refresh_steps.CountsFn((k,))))
     weight = config.kmeans.prior_weight
     init = old_sizes | "InitState" >> beam.Map(lambda sizes: (old_centroids, sizes.astype(np.float64) * weight))
-    state = _kmeans(emb, init, config.kmeans, k, d, "")
+    state = refresh_steps.mini_batch_kmeans(emb, init, config.kmeans, k, d, "")
     final = beam.pvalue.AsSingleton(state | "FinalCentroids" >> beam.Map(lambda st: st[0]))
     # Like-for-like baseline: the same update over the previous window. A trained model's centroids are
     # not the mean direction of their members, so shift is measured against this, not against them.
     if config.previous_assignments is None:
-        baseline = _kmeans(prev_emb, init, config.kmeans, k, d, "Baseline") | "BaselineCentroids" >> beam.Map(
-            lambda st: st[0].tolist())
+        baseline = (refresh_steps.mini_batch_kmeans(prev_emb, init, config.kmeans, k, d, "Baseline")
+                    | "BaselineCentroids" >> beam.Map(lambda st: st[0].tolist()))
     else:
         baseline = p | "NoBaseline" >> beam.Create([None])
-    new = (emb | "AssignNew" >> beam.Map(lambda r, c: _assign_one(r, c) + (r[1],), final)
+    new = (emb | "AssignNew" >> beam.Map(lambda r, c: refresh_steps.assign_one(r, c) + (r[1],), final)
            | "KeyNew" >> beam.Map(lambda r: (r[0], r)))
 
     users_attr = recs["users"] | "UserAttrs" >> beam.Map(lambda u: (u.user_id, u.attribute_dict()))
     joined = ({"new": new, "old": old, "hist": current | "Hist" >> beam.Map(lambda r: (r[1], r[2])), "user": users_attr}
               | "GroupByUser" >> beam.CoGroupByKey()
-              | "Join" >> beam.FlatMap(_joined).with_outputs(T.COUNTS, "pairs", "profile", "sample", main="assignments"))
+              | "Join" >> beam.FlatMap(refresh_steps.join_user).with_outputs(
+                  T.COUNTS, "pairs", "profile", "sample", main="assignments"))
     counts.append(joined[T.COUNTS])
     assignments = joined.assignments
     counts.append(T.count_elements(assignments, "users.assigned"))
@@ -391,9 +272,9 @@ def build_pipeline(p: beam.Pipeline, config: RefreshConfig, plan: RefreshPlan) -
     _single(recs["items"] | "CatalogJson" >> beam.Map(lambda r: json.dumps(
         {"item_id": r.item_id, "title": r.title, "categories": list(r.categories)}, ensure_ascii=False)),
         plan.work("catalog.jsonl"), "Catalog")
-    migration = joined.pairs | "Migration" >> beam.CombineGlobally(_CountsFn((k, k)))
+    migration = joined.pairs | "Migration" >> beam.CombineGlobally(refresh_steps.CountsFn((k, k)))
     new_sizes = (assignments | "NewSegment" >> beam.Map(lambda r: r["segment"])
-                 | "NewSizes" >> beam.CombineGlobally(_CountsFn((k,))))
+                 | "NewSizes" >> beam.CombineGlobally(refresh_steps.CountsFn((k,))))
     sample = joined.sample | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(config.embedding_sample)
     _single(
         migration | "DriftCounts" >> beam.Map(
@@ -480,8 +361,6 @@ def _options(beam_args: Sequence[str]) -> PipelineOptions:
 
 def run(config: RefreshConfig, beam_args: Sequence[str] = ()) -> RefreshSummary:
     """Plans, runs the pipeline, then writes the new segments, the drift report and stats.json."""
-    from beam_pipelines import preprocess
-
     start = time.time()
     for spec in config.sources:
         readers.check_source(spec)
@@ -497,149 +376,30 @@ def run(config: RefreshConfig, beam_args: Sequence[str] = ()) -> RefreshSummary:
     _LOG.info("refresh: pipeline done in %.1fs; profiling and writing the report", time.time() - start)
 
     counts = json.loads(outputs.read_text(plan.work("counts.json")))
-    stats = preprocess.compose_stats(counts)
-    users_in, queries = counts.get("users.in", 0), counts.get("users.queries", 0)
-    embedded = counts.get("users.embedded", 0)
-    user_dead = {k.split(".", 2)[2]: v for k, v in counts.items() if k.startswith(f"dead.{inf.QUERY_SOURCE}.")}
-    model_dead = f"dead.{inf.MODEL_SOURCE}.{inf.INFERENCE_ERROR}"
-    rejected, prev_rejected = counts.get(model_dead, 0), counts.get(f"{PREVIOUS}.{model_dead}", 0)
-    if rejected:
-        user_dead[inf.INFERENCE_ERROR] = rejected
-    balanced = users_in == embedded + sum(user_dead.values()) and queries == embedded + rejected
-    if config.previous_assignments is None:  # the previous window's queries: embedded (assigned) or rejected
-        balanced &= counts.get("previous.users.queries", 0) == counts.get("previous.users_assigned", 0) + prev_rejected
-    stats["users"] = {
-        "in": users_in, "queries": queries, "embedded": embedded, "dead_lettered": sum(user_dead.values()),
-        "dead_letter": user_dead, "assigned": counts.get("users.assigned", 0),
-        "in_previous_window": counts.get("previous.users_assigned", 0),
-        "previous_window_inference_failed": prev_rejected,
-        "entered": counts.get("users.entered", 0), "left": counts.get("users.left", 0),
-        "balanced": balanced,
-    }
-    stats["inference"] = {"failed_batches": counts.get("inference.failed_batches", 0),
-                          "retried_one_by_one": counts.get("inference.retried_elements", 0)}
-    stats["previous_assignments_dead_lettered"] = counts.get("dead.previous_assignments.bad_assignment", 0)
+    stats = refresh_report.compose_stats(counts, previous_window=config.previous_assignments is None)
     if not (stats["balanced"] and stats["users"]["balanced"]):
         raise RuntimeError(f"accounting does not balance (a segrec bug): {json.dumps(stats)}")
+    queries, embedded = stats["users"]["queries"], stats["users"]["embedded"]
     if queries and not embedded:  # leave the figures behind before failing
         outputs.write_text(FileSystems.join(plan.run_dir, features.STATS_FILE), json.dumps(stats, indent=2) + "\n")
-    inf.check_not_all_rejected(queries, embedded, FileSystems.join(plan.run_dir, "dead_letter"))
+    retrying.check_not_all_rejected(queries, embedded, FileSystems.join(plan.run_dir, "dead_letter"))
 
     dc = json.loads(outputs.read_text(plan.work("drift_counts.json")))
     new_centroids = np.asarray(dc["centroids"], np.float64)
-    # With --previous-assignments the previous centroids came out of the same update: they are the baseline.
-    baseline = np.asarray(dc["baseline"], np.float64) if dc["baseline"] is not None else plan.old_centroids
-    drift = sd.summarize_drift(baseline, new_centroids, np.asarray(dc["migration"]), np.asarray(dc["sizes_old"]),
-                               np.asarray(dc["sizes_new"]), min_segment_users=config.min_segment_users,
-                               thresholds=config.thresholds)
-    drift.update({"version": plan.version, "as_of": plan.as_of, "window_seconds": w,
-                  "centroid_shift_baseline": ("the same k-means update over the previous window"
-                                              if dc["baseline"] is not None else "the previous segments' centroids"),
-                  "centroid_shift_from_previous": [float(x) for x in sd.centroid_shift(plan.old_centroids, new_centroids)],
-                  "previous_segments": plan.previous_path, "model": plan.version_dir,
-                  "old_assignments": config.previous_assignments or "previous window embedded",
-                  "kmeans": dataclasses.asdict(config.kmeans)})
-    doc = _new_segments(config, plan, new_centroids, dc, drift)
-    files = _write_outputs(config, plan, doc, drift, stats, dc)
-    return RefreshSummary(config.output_dir, plan.version, files["segments"], drift, stats, files, time.time() - start)
-
-
-def _new_segments(config: RefreshConfig, plan: RefreshPlan, centroids: np.ndarray, dc: dict, drift: dict) -> dict:
-    """The new segments.json: profiles of a bounded (hash-sampled) set of users, full-count sizes."""
-    from trainer.segments import profiles
-
-    sizes = np.asarray(dc["sizes_new"], np.int64)
-    total = int(sizes.sum())
-    fraction = min(1.0, config.max_profile_users / max(total, 1))
-    user_ids, labels, histories, attributes = [], [], {}, {}
-    with FileSystems.open(plan.work("profile_rows.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            uid = row["user_id"]
-            if fraction < 1.0 and sd.stable_fraction(uid, "profile") >= fraction:
-                continue
-            user_ids.append(uid)
-            labels.append(row["segment"])
-            histories[uid] = row["history"]
-            attributes[uid] = row["attributes"]
-    titles, categories = {}, {}
-    with FileSystems.open(plan.work("catalog.jsonl")) as f:
-        for line in f:
-            item = json.loads(line)
-            titles[item["item_id"]] = item["title"]
-            categories[item["item_id"]] = tuple(item["categories"])
-    inputs = profiles.ProfileInputs(user_ids=user_ids, labels=np.asarray(labels, np.int64),
-                                    centroids=centroids.astype(np.float32), histories=histories,
-                                    attributes=attributes, item_titles=titles, item_categories=categories)
-    # Profiling needs the full-count sizes: a segment is profiled only if it is big enough in the whole window.
-    doc = profiles.build_profiles(inputs, min_profile_size=1)
-    for seg in doc["segments"]:
-        n = int(sizes[seg["id"]])
-        seg["size"], seg["share"] = n, round(n / max(total, 1), 4)
-        if n < config.min_segment_users:  # privacy floor: no profile of any kind
-            profiles.drop_profile(seg)
-    doc.update({"num_users": total, "min_profile_size": config.min_segment_users,
-                "profiled_users": len(user_ids),
-                "beta": plan.previous_doc.get("beta"),
-                "refresh": {k: drift[k] for k in ("version", "as_of", "window_seconds", "previous_segments", "model",
-                                                  "migration", "sizes_old", "psi_total", "moved_share",
-                                                  "max_centroid_shift", "new_segments", "vanished_segments",
-                                                  "retrain_advised", "verdict")}})
-    return doc
-
-
-def drift_markdown(drift: dict, doc: dict) -> str:
-    """drift.md: the verdict line first, then the tables."""
-    k = drift["num_segments"]
-    labels = {s["id"]: s["label"] for s in doc["segments"]}
-    lines = [f"# Segment refresh v{drift['version']}", "", f"**{drift['verdict']}**", "",
-             f"- Window: [{drift['as_of'] - drift['window_seconds']}, {drift['as_of']}) "
-             f"({drift['window_seconds'] / DAY:g} days); old segments: {drift['old_assignments']}",
-             f"- Users: {drift['users_new']} now, {drift['users_old']} before, {drift['users_both']} in both, "
-             f"{drift['users_moved']} changed segment ({drift['moved_share']:.1%})",
-             f"- PSI total {drift['psi_total']:.4f}; max centroid shift {drift['max_centroid_shift']:.4f} "
-             f"(1 - cosine, against {drift['centroid_shift_baseline']})",
-             f"- New segments (grew past {drift['min_segment_users']} users): {drift['new_segments'] or 'none'}; "
-             f"vanished: {drift['vanished_segments'] or 'none'}",
-             f"- Thresholds: {drift['thresholds']}", "", "## Per segment", "",
-             "| Segment | Label | Users before | Users now | PSI | Centroid shift |", "|---|---|---:|---:|---:|---:|"]
-    for i in range(k):
-        lines.append(f"| {i} | {labels.get(i, '')} | {drift['sizes_old'][i]} | {drift['sizes_new'][i]} | "
-                     f"{drift['psi'][i]:.4f} | {drift['centroid_shift'][i]:.4f} |")
-    lines += ["", "## Migration (rows: before, columns: now)", "",
-              "| before \\ now | " + " | ".join(str(i) for i in range(k)) + " |", "|---" * (k + 1) + "|"]
-    lines += [f"| {i} | " + " | ".join(str(x) for x in row) + " |" for i, row in enumerate(drift["migration"])]
-    return "\n".join(lines) + "\n"
-
-
-def _write_outputs(config, plan, doc, drift, stats, dc) -> dict:
-    from trainer.segments import segment_report as rep
-
-    out = config.output_dir
-    files = {"segments": FileSystems.join(out, f"segments-v{plan.version}.json"),
-             "segments_latest": FileSystems.join(out, SEGMENTS_FILE),
-             "drift_json": FileSystems.join(plan.run_dir, "drift.json"),
-             "drift_md": FileSystems.join(plan.run_dir, "drift.md"),
-             "stats": FileSystems.join(plan.run_dir, features.STATS_FILE),
-             "embeddings": FileSystems.join(plan.run_dir, rep.EMBEDDINGS_NPZ)}
-    old_copy = FileSystems.join(out, f"segments-v{plan.version - 1}.json")
-    if not _exists(old_copy):
-        document.save(plan.previous_doc, old_copy)
-        files["segments_previous"] = old_copy
-    document.save(doc, files["segments"])
-    document.save(doc, files["segments_latest"])
-    outputs.write_text(files["drift_json"], json.dumps(drift, indent=2) + "\n")
-    outputs.write_text(files["drift_md"], drift_markdown(drift, doc))
-    outputs.write_text(files["stats"], json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    sample = dc["sample"]
-    d = plan.old_centroids.shape[1]
-    rep.save_embeddings(files["embeddings"], rep.EmbeddingSet(
-        np.array([r[0] for r in sample], dtype=str), np.array([r[3] for r in sample], np.float32).reshape(-1, d),
-        np.array([r[2] for r in sample], np.int64), np.array([r[1] for r in sample], np.int64), source="refresh"))
+    drift = refresh_report.drift_figures(
+        dc, plan.old_centroids, new_centroids, min_segment_users=config.min_segment_users,
+        thresholds=config.thresholds, version=plan.version, as_of=plan.as_of, window_seconds=w,
+        previous_segments=plan.previous_path, model=plan.version_dir,
+        old_assignments=config.previous_assignments or "previous window embedded",
+        kmeans=dataclasses.asdict(config.kmeans))
+    doc = refresh_report.new_segments_doc(
+        new_centroids, dc["sizes_new"], drift, profile_rows_path=plan.work("profile_rows.jsonl"),
+        catalog_path=plan.work("catalog.jsonl"), max_profile_users=config.max_profile_users,
+        min_segment_users=config.min_segment_users, beta=plan.previous_doc.get("beta"))
+    files = refresh_report.write_outputs(config.output_dir, plan.run_dir, plan.version, plan.previous_doc, doc, drift,
+                                         stats, dc["sample"], plan.old_centroids.shape[1])
     FileSystems.delete([FileSystems.join(plan.run_dir, WORK_DIR)])
-    found = FileSystems.match([FileSystems.join(plan.run_dir, "assignments*")])[0].metadata_list
-    files["assignments"] = sorted(m.path for m in found)
-    return files
+    return RefreshSummary(config.output_dir, plan.version, files["segments"], drift, stats, files, time.time() - start)
 
 
 def format_summary(summary: RefreshSummary) -> str:

@@ -9,13 +9,14 @@
 Where the queries come from:
 - raw input (the readers and source flags of `segrec preprocess`): each
   user's query as of `as_of` (default: after their last event, i.e. now),
-  built by inference.BuildUserQueries with preprocess's own query code.
+  built by inference.user_queries.BuildUserQueries with preprocess's own
+  query code.
 - a dataset dir (what preprocess wrote): it holds no raw interactions, so
   the queries are the newest ones preprocess built: per user, the eval
   example with the latest timestamp (its history is the whole training
   period), else the latest training example. Their features ARE the
   model's eval queries, byte for byte; the user's held-out events are not
-  in them (score raw input for "as of now").
+  in them (score raw input for "as of now"); inference.user_queries.QueriesFromDataset.
 
 One output record per scored user: user_id, segment_id, segment_label
 (from the segments.json beside the model), items and scores (top-k, best
@@ -26,6 +27,9 @@ error. stats.json checks users in = scored + dead-lettered (no query, or
 rejected by the model), queries = scored + rejected, and records written =
 scored. `build_pipeline` is pure; `run` decides nothing but options
 (DirectRunner by default, single or multi-process; Dataflow by flags).
+
+The model runs through inference.model_handler.RunSegRec; the output record,
+its schemas and its sinks are score_records'.
 """
 
 from __future__ import annotations
@@ -40,38 +44,22 @@ from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_pipelines import inference as inf
-from beam_pipelines import outputs, preprocess
+from beam_pipelines import outputs, preprocess, score_records
 from beam_pipelines import transforms as T
+from beam_pipelines.inference import model_handler, retrying, user_queries
 from beam_pipelines.sources import readers, records
 from serving.export import layout
 from trainer import features
+from trainer.contracts import SERVING_DEFAULT
 from trainer.data import examples as ex
 from trainer.segments import document as segments_doc
 
-NAMESPACE = "segrec.score"
-_LOG = logging.getLogger(NAMESPACE)
+_LOG = logging.getLogger("segrec.score")
 
-JSONL = "jsonl"
-PARQUET = "parquet"
-FORMATS = (JSONL, PARQUET)
-RECORDS_PREFIX = "recommendations"
 COUNTS_FILE = "_counts.json"
-EXAMPLES_SOURCE = "examples"  # dead-letter source of unreadable dataset examples
-BAD_EXAMPLE = "bad_example"
-PROGRESS_EVERY = 1_000
 _BQ_TABLE = re.compile(r"^[\w.-]+:\w+\.[\w$-]+$")
-
-# Output record fields (also the Parquet and BigQuery schemas).
-USER_ID = features.USER_ID
-SEGMENT_ID = features.SEGMENT_ID
-SEGMENT_LABEL = "segment_label"
-ITEMS = "items"
-SCORES = "scores"
-MODEL_VERSION = "model_version"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +77,7 @@ class ScoreConfig:
     model_dir: str
     output_dir: str
     dataset_dir: Optional[str] = None
-    sources: tuple = ()  # tuple[readers.SourceSpec, ...]
+    sources: tuple = ()  # tuple[source_spec.SourceSpec, ...]
     source_name: str = "generic"
     policy: Optional[ex.ExamplePolicy] = None
     min_rating: Optional[float] = None
@@ -100,7 +88,7 @@ class ScoreConfig:
     beta: Optional[float] = None
     min_batch_size: Optional[int] = None
     max_batch_size: Optional[int] = 256
-    formats: tuple = (JSONL,)
+    formats: tuple = (score_records.JSONL,)
     bigquery_table: Optional[str] = None
     overwrite: bool = False
 
@@ -113,9 +101,9 @@ class ScoreConfig:
                 raise ValueError("raw input needs an interactions source and an items source")
         elif self.as_of is not None or self.window_seconds is not None or self.cold_users:
             raise ValueError("--as-of, --window-days and --cold-users apply to raw input, not --dataset-dir")
-        unknown = set(self.formats) - set(FORMATS)
+        unknown = set(self.formats) - set(score_records.FORMATS)
         if unknown:
-            raise ValueError(f"--format must be among {FORMATS}, got {sorted(unknown)}")
+            raise ValueError(f"--format must be among {score_records.FORMATS}, got {sorted(unknown)}")
         if not self.formats and not self.bigquery_table:
             raise ValueError("nothing to write: give --format jsonl/parquet and/or --bigquery-table")
         if self.bigquery_table and not _BQ_TABLE.match(self.bigquery_table):
@@ -184,163 +172,6 @@ def training_policy(version_dir: str) -> ex.ExamplePolicy:
     return policy
 
 
-# --- queries from a dataset dir ----------------------------------------------------------------
-
-
-class ParseExample(beam.DoFn):
-    """Serialized query/positive tf.Example -> (user_id, (rank, timestamp, item_id, text, history)).
-
-    rank 1 = eval, 0 = train: a user's newest eval query wins over any train
-    query. Unreadable examples -> DEAD (they name no user).
-    """
-
-    def __init__(self, split: str):
-        self._split = split
-        self._rank = 1 if split == ex.EVAL else 0
-
-    def process(self, raw: bytes):
-        import tensorflow as tf
-
-        try:
-            feats = tf.train.Example.FromString(raw).features.feature
-
-            def strings(name):
-                return [v.decode("utf-8") for v in feats[name].bytes_list.value]
-
-            user = strings(features.USER_ID)
-            if not user or not user[0]:
-                raise ValueError("no user_id")
-            text = strings(features.USER_TEXT)
-            ts = list(feats[features.TIMESTAMP].int64_list.value)
-            item = strings(features.ITEM_ID)
-            value = (self._rank, ts[0] if ts else 0, item[0] if item else "", text[0] if text else "",
-                     tuple(strings(features.HISTORY_ITEM_IDS)))
-        except Exception as err:  # a corrupt record or one from another schema
-            Metrics.counter(NAMESPACE, f"dead_letter.{BAD_EXAMPLE}").inc()
-            yield beam.pvalue.TaggedOutput(T.DEAD, records.DeadLetter(
-                EXAMPLES_SOURCE, f"{self._split} example", BAD_EXAMPLE, f"not a segrec query example: {err}",
-                records.raw_text(raw[:200])))
-            yield T._count(f"dead.{EXAMPLES_SOURCE}.{BAD_EXAMPLE}")
-            return
-        yield user[0], value
-
-
-def _newest_query(element):
-    user_id, values = element
-    _, _, _, text, history = max(values, key=lambda v: v[:3])
-    return inf.UserQuery(user_id, text, history)
-
-
-class QueriesFromDataset(beam.PTransform):
-    """dataset dir -> {"queries", T.DEAD, T.COUNTS} like BuildUserQueries (see the module doc)."""
-
-    def __init__(self, dataset_dir: str):
-        super().__init__()
-        self._dir = dataset_dir
-
-    def expand(self, pbegin):
-        parsed = []
-        for split, pattern in ((ex.TRAIN, features.TRAIN_PATTERN), (ex.EVAL, features.EVAL_PATTERN)):
-            parsed.append(
-                pbegin
-                | f"Read[{split}]" >> beam.io.ReadFromTFRecord(FileSystems.join(self._dir, pattern))
-                | f"Parse[{split}]" >> beam.ParDo(ParseExample(split)).with_outputs(T.DEAD, T.COUNTS, main="rows")
-            )
-        queries = (
-            [r.rows for r in parsed]
-            | "FlattenRows" >> beam.Flatten()
-            | "GroupByUser" >> beam.GroupByKey()
-            | "Newest" >> beam.Map(_newest_query)
-        )
-        dead = [r[T.DEAD] for r in parsed] | "FlattenDead" >> beam.Flatten()
-        counts = (
-            [r[T.COUNTS] for r in parsed]
-            + [queries | "UsersIn" >> beam.Map(lambda q: ("users.in", 1)),
-               queries | "UsersQueries" >> beam.Map(lambda q: ("users.queries", 1)),
-               queries | "UsersCold" >> beam.FlatMap(lambda q: [] if q.history_item_ids else [("users.cold", 1)])]
-        ) | "FlattenCounts" >> beam.Flatten()
-        return {"queries": queries, T.DEAD: dead, T.COUNTS: counts}
-
-
-# --- output records ---------------------------------------------------------------------------
-
-
-class ToRecord(beam.DoFn):
-    """(UserQuery, serving_default outputs) -> the output record (a dict)."""
-
-    def __init__(self, info: ModelInfo):
-        self._info = info
-        self._scored = Metrics.counter(NAMESPACE, "users_scored")
-        self._n = 0
-
-    def process(self, element):
-        query, out = element
-        yield to_record(query, out, self._info)
-        self._scored.inc()
-        self._n += 1
-        if self._n % PROGRESS_EVERY == 0:
-            _LOG.info("scored %d users on this worker", self._n)
-
-
-def to_record(query: inf.UserQuery, out: dict, info: ModelInfo) -> dict:
-    """One user's output record; "" / -inf slots (catalog smaller than k) are dropped."""
-    ids = [str(i) for i in out[features.OUT_ITEM_IDS]]
-    scores = [float(s) for s in out[features.OUT_SCORES]]
-    keep = [j for j, i in enumerate(ids) if i != features.PAD_ITEM_ID]
-    segment = int(out[features.SEGMENT_ID])
-    return {
-        USER_ID: query.user_id,
-        SEGMENT_ID: segment,
-        SEGMENT_LABEL: info.labels[segment] if 0 <= segment < len(info.labels) else None,
-        ITEMS: [ids[j] for j in keep],
-        SCORES: [scores[j] for j in keep],
-        MODEL_VERSION: info.version,
-    }
-
-
-def parquet_schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        (USER_ID, pa.string()), (SEGMENT_ID, pa.int32()), (SEGMENT_LABEL, pa.string()),
-        (ITEMS, pa.list_(pa.string())), (SCORES, pa.list_(pa.float32())), (MODEL_VERSION, pa.int64()),
-    ])
-
-
-def bigquery_schema() -> dict:
-    """The BigQuery table schema of the output records (WriteToBigQuery's dict form)."""
-    return {"fields": [
-        {"name": USER_ID, "type": "STRING", "mode": "REQUIRED"},
-        {"name": SEGMENT_ID, "type": "INTEGER", "mode": "REQUIRED"},
-        {"name": SEGMENT_LABEL, "type": "STRING", "mode": "NULLABLE"},
-        {"name": ITEMS, "type": "STRING", "mode": "REPEATED"},
-        {"name": SCORES, "type": "FLOAT", "mode": "REPEATED"},
-        {"name": MODEL_VERSION, "type": "INTEGER", "mode": "REQUIRED"},
-    ]}
-
-
-def bigquery_row(record: dict) -> dict:
-    """An output record as a BigQuery row: JSON types only, every schema field present."""
-    return {
-        USER_ID: str(record[USER_ID]), SEGMENT_ID: int(record[SEGMENT_ID]),
-        SEGMENT_LABEL: None if record[SEGMENT_LABEL] is None else str(record[SEGMENT_LABEL]),
-        ITEMS: [str(i) for i in record[ITEMS]], SCORES: [float(s) for s in record[SCORES]],
-        MODEL_VERSION: int(record[MODEL_VERSION]),
-    }
-
-
-def check_bigquery() -> None:
-    """WriteToBigQuery needs apache-beam[gcp]'s clients; fail before the pipeline starts."""
-    try:
-        import apitools  # noqa: F401
-        from google.cloud import bigquery  # noqa: F401
-    except ImportError as err:
-        raise records.InputError(
-            f"--bigquery-table needs Apache Beam's GCP extras ({err}); install them with "
-            "`pip install 'segrec[gcp]'` (apache-beam[gcp]) or write --format jsonl/parquet instead"
-        ) from None
-
-
 # --- the pipeline -------------------------------------------------------------------------------
 
 
@@ -366,39 +197,22 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, info: ModelInfo) -> No
     """Adds every scoring step to `p`; writes under config.output_dir (and BigQuery)."""
     dead, counts = [], []
     if config.dataset_dir:
-        built = p | "QueriesFromDataset" >> QueriesFromDataset(config.dataset_dir)
+        built = p | "QueriesFromDataset" >> user_queries.QueriesFromDataset(config.dataset_dir)
     else:
         pcolls, dead, counts = read_raw(p, config.sources)
-        built = pcolls | "BuildUserQueries" >> inf.BuildUserQueries(
+        built = pcolls | "BuildUserQueries" >> user_queries.BuildUserQueries(
             info.policy, config.as_of, config.window_seconds, config.cold_users, config.min_rating)
     dead.append(built[T.DEAD])
     counts.append(built[T.COUNTS])
 
-    run = built["queries"] | "RunSegRec" >> inf.RunSegRec(
-        info.version_dir, inf.SERVING_DEFAULT, info.k, info.beta, config.min_batch_size, config.max_batch_size)
+    run = built["queries"] | "RunSegRec" >> model_handler.RunSegRec(
+        info.version_dir, SERVING_DEFAULT, info.k, info.beta, config.min_batch_size, config.max_batch_size)
     dead.append(run[T.DEAD])
     counts += [run[T.COUNTS], T.count_elements(run.results, "users.scored")]
-    out = run.results | "ToRecord" >> beam.ParDo(ToRecord(info))
+    out = run.results | "ToRecord" >> beam.ParDo(score_records.ToRecord(info.labels, info.version))
     counts.append(T.count_elements(out, "records.written"))
-
-    if JSONL in config.formats:
-        (out
-         | "RecordJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False, sort_keys=True))
-         | "WriteJsonl" >> beam.io.WriteToText(_path(config, RECORDS_PREFIX), file_name_suffix=".jsonl"))
-    if PARQUET in config.formats:
-        out | "WriteParquet" >> beam.io.WriteToParquet(
-            _path(config, RECORDS_PREFIX), parquet_schema(), file_name_suffix=".parquet")
-    if config.bigquery_table:
-        from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
-
-        (out
-         | "BigQueryRow" >> beam.Map(bigquery_row)
-         | "WriteBigQuery" >> WriteToBigQuery(
-             config.bigquery_table, schema=bigquery_schema(),
-             create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
-             # Like the file sinks: never add to an existing result unless --overwrite.
-             write_disposition=BigQueryDisposition.WRITE_TRUNCATE if config.overwrite
-             else BigQueryDisposition.WRITE_EMPTY))
+    out | "WriteRecords" >> score_records.WriteRecords(
+        config.output_dir, config.formats, config.bigquery_table, config.overwrite)
 
     (dead
      | "FlattenDead" >> beam.Flatten()
@@ -409,7 +223,8 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, info: ModelInfo) -> No
 
 # --- driver -------------------------------------------------------------------------------------
 
-OUTPUT_GLOBS = (RECORDS_PREFIX + "-*", features.DEAD_LETTER_DIR + "/*", features.STATS_FILE, COUNTS_FILE)
+OUTPUT_GLOBS = (score_records.RECORDS_PREFIX + "-*", features.DEAD_LETTER_DIR + "/*", features.STATS_FILE,
+                COUNTS_FILE)
 
 
 def prepare_output_dir(config: ScoreConfig) -> None:
@@ -427,7 +242,7 @@ def check_inputs(config: ScoreConfig) -> None:
     for spec in config.sources:
         readers.check_source(spec)
     if config.bigquery_table:
-        check_bigquery()
+        score_records.check_bigquery()
 
 
 def compose_stats(counts: dict, config: ScoreConfig, info: ModelInfo) -> dict:
@@ -438,8 +253,8 @@ def compose_stats(counts: dict, config: ScoreConfig, info: ModelInfo) -> dict:
             _, source, reason = key.split(".", 2)
             dead.setdefault(source, {})[reason] = n
     users_in, queries, scored = counts.get("users.in", 0), counts.get("users.queries", 0), counts.get("users.scored", 0)
-    rejected = sum(dead.get(inf.MODEL_SOURCE, {}).values())
-    users_dead = sum(dead.get(inf.QUERY_SOURCE, {}).values()) + rejected
+    rejected = sum(dead.get(retrying.MODEL_SOURCE, {}).values())
+    users_dead = sum(dead.get(user_queries.QUERY_SOURCE, {}).values()) + rejected
     written = counts.get("records.written", 0)
     stats = {
         "users": {"in": users_in, "queries": queries, "scored": scored, "cold": counts.get("users.cold", 0),
@@ -449,7 +264,7 @@ def compose_stats(counts: dict, config: ScoreConfig, info: ModelInfo) -> dict:
                       "retried_one_by_one": counts.get("inference.retried_elements", 0)},
         "records_written": written,
         "dead_letter": {s: dict(sorted(r.items())) for s, r in sorted(dead.items())},
-        "model": {"version_dir": info.version_dir, "version": info.version, "signature": inf.SERVING_DEFAULT,
+        "model": {"version_dir": info.version_dir, "version": info.version, "signature": SERVING_DEFAULT,
                   "k": info.k, "beta": info.beta},
         "input": {"dataset_dir": config.dataset_dir} if config.dataset_dir else {
             "source": config.source_name, "as_of": config.as_of, "window_seconds": config.window_seconds,
@@ -528,13 +343,14 @@ def run(config: ScoreConfig, beam_args: Sequence[str] = ()) -> ScoreSummary:
     if not stats["balanced"]:
         raise RuntimeError(f"user accounting does not balance (a segrec bug): {json.dumps(stats['users'])}, "
                            f"records written {stats['records_written']}")
-    inf.check_not_all_rejected(stats["users"]["queries"], stats["users"]["scored"],
-                               _path(config, features.DEAD_LETTER_DIR))
+    retrying.check_not_all_rejected(stats["users"]["queries"], stats["users"]["scored"],
+                                    _path(config, features.DEAD_LETTER_DIR))
     return ScoreSummary(config.output_dir, stats, written_files(config.output_dir), seconds)
 
 
 def written_files(output_dir: str) -> dict:
-    groups = {"jsonl": RECORDS_PREFIX + "-*.jsonl", "parquet": RECORDS_PREFIX + "-*.parquet",
+    prefix = score_records.RECORDS_PREFIX
+    groups = {"jsonl": prefix + "-*.jsonl", "parquet": prefix + "-*.parquet",
               "dead_letter": features.DEAD_LETTER_DIR + "/*", "stats": features.STATS_FILE}
     return {name: sorted(m.path for m in FileSystems.match([FileSystems.join(output_dir, pat)])[0].metadata_list)
             for name, pat in groups.items()}

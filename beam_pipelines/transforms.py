@@ -17,7 +17,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from beam_pipelines.sources import readers, records
+from beam_pipelines.sources import files, readers, records, source_spec
 from trainer.data import examples as ex
 
 DEAD = "dead_letter"
@@ -45,7 +45,8 @@ def _dead(kind: str, location: str, reason: str, detail: str, raw: object) -> pv
     return pvalue.TaggedOutput(DEAD, letter)
 
 
-def _count(key: str, n: int = 1) -> pvalue.TaggedOutput:
+def tagged_count(key: str, n: int = 1) -> pvalue.TaggedOutput:
+    """(key, n) on the COUNTS output: what a step reports for stats.json."""
     return pvalue.TaggedOutput(COUNTS, (key, n))
 
 
@@ -65,13 +66,13 @@ class ReadAndParse(beam.DoFn):
     every row keeps its "path:line" location for the dead-letter output.
     """
 
-    def process(self, spec: readers.SourceSpec):
+    def process(self, spec: source_spec.SourceSpec):
         kind = spec.kind
         read_counter = Metrics.counter(NAMESPACE, f"read.{kind}")
         total = 0
-        for path in readers.expand_paths(spec):
+        for path in files.expand_paths(spec):
             n = 0
-            for row in readers.iter_raw_rows(spec, path):
+            for row in files.iter_raw_rows(spec, path):
                 n += 1
                 read_counter.inc()
                 try:
@@ -82,7 +83,7 @@ class ReadAndParse(beam.DoFn):
                     _LOG.info("read %s: %d rows from %s", kind, n, path)
             total += n
             _LOG.info("read %s: %d rows from %s (done)", kind, n, path)
-        yield _count(f"read.{kind}", total)
+        yield tagged_count(f"read.{kind}", total)
 
 
 class KeepFirstById(beam.DoFn):
@@ -150,7 +151,7 @@ class AttachTags(beam.DoFn):
             if top:
                 desc = (item.description + ". " if item.description else "") + "tags: " + ", ".join(top)
                 item = records.Item(item.item_id, item.title, item.categories, desc, item.location)
-            yield _count("accepted.tags", len(tags))
+            yield tagged_count("accepted.tags", len(tags))
         yield item
 
 
@@ -180,17 +181,17 @@ class JoinCatalog(beam.DoFn):
         for r in inters:
             key = (r.user_id, r.timestamp)
             if key in seen:
-                yield _count(f"filtered.{DUPLICATE}")
+                yield tagged_count(f"filtered.{DUPLICATE}")
                 continue
             seen.add(key)
             if self._min_rating is not None and r.rating is not None and r.rating < self._min_rating:
-                yield _count(f"filtered.{BELOW_MIN_RATING}")
+                yield tagged_count(f"filtered.{BELOW_MIN_RATING}")
                 continue
             kept.append(r)
         if len(kept) < self._min_item:
             if kept:
-                yield _count(f"filtered.{ITEM_MIN_INTERACTIONS}", len(kept))
-            yield _count("filtered_items.min_interactions")
+                yield tagged_count(f"filtered.{ITEM_MIN_INTERACTIONS}", len(kept))
+            yield tagged_count("filtered_items.min_interactions")
             return
         yield pvalue.TaggedOutput(CATALOG, items[0])
         for r in kept:
@@ -216,7 +217,7 @@ class BuildExamples(beam.DoFn):
         if not inters:
             return
         if len(inters) < self._min_user:
-            yield _count(f"filtered.{USER_MIN_INTERACTIONS}", len(inters))
+            yield tagged_count(f"filtered.{USER_MIN_INTERACTIONS}", len(inters))
             return
         policy = self._policy
         if cutoff is not None and policy.split == ex.GLOBAL_CUTOFF and policy.cutoff is None:
@@ -224,14 +225,14 @@ class BuildExamples(beam.DoFn):
         attributes = users[0].attribute_dict() if users else {}
         events = [ex.Event(r.item_id, r.timestamp, r.weight) for r in inters]
         built, skipped = ex.build_user_examples(user_id, events, attributes, titles, policy)
-        yield _count("accepted.interactions", len(inters))
+        yield tagged_count("accepted.interactions", len(inters))
         if skipped:
-            yield _count("examples_skipped_min_history", skipped)
+            yield tagged_count("examples_skipped_min_history", skipped)
         n_train = sum(1 for split, _ in built if split == TRAIN)
         n_eval = len(built) - n_train
-        yield _count("users_with_examples")
+        yield tagged_count("users_with_examples")
         if n_eval == 0:
-            yield _count("users_without_eval")
+            yield tagged_count("users_without_eval")
         self._users.inc()
         for split, example in built:
             yield pvalue.TaggedOutput(split, example)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from beam_pipelines.sources import readers
+from beam_pipelines.sources import files, movielens, readers
 from trainer import features as F
 from trainer.cli import main as cli
 from trainer.data import examples as ex
@@ -72,8 +72,8 @@ def test_ml100k_every_row_accounted_for(ml100k_dataset):
 
 @pytest.mark.slow
 def test_ml100k_history_strictly_before_target_and_eval_is_last(ml100k, ml100k_dataset):
-    spec = readers.movielens_100k_sources(str(ml100k))[0]
-    rows = [readers.parse_row(spec, r) for r in readers.iter_raw_rows(spec, spec.path)]
+    spec = movielens.movielens_100k_sources(str(ml100k))[0]
+    rows = [readers.parse_row(spec, r) for r in files.iter_raw_rows(spec, spec.path)]
     first = earliest_times(rows)
     last_time = collections.defaultdict(int)
     for r in rows:
@@ -104,7 +104,7 @@ def test_generated_global_cutoff_keeps_eval_period_out_of_training(tiny_generate
     assert train and evals
     assert max(e[F.TIMESTAMP] for e in train) < cutoff <= min(e[F.TIMESTAMP] for e in evals)
     spec = readers.generic_sources(str(tiny_generated / "interactions.csv"), str(tiny_generated / "items.csv"))[0]
-    first = earliest_times(readers.parse_row(spec, r) for r in readers.iter_raw_rows(spec, spec.path))
+    first = earliest_times(readers.parse_row(spec, r) for r in files.iter_raw_rows(spec, spec.path))
     for e in train + evals:
         assert all(first[(e[F.USER_ID], h)] < min(e[F.TIMESTAMP], cutoff) for h in e[F.HISTORY_ITEM_IDS])
     # About 20% of the interactions are at or after the 0.8 quantile of time.

@@ -1,4 +1,4 @@
-"""Tests for beam_pipelines.sources.readers (and readers_movielens): files -> records or RowError."""
+"""Tests for beam_pipelines.sources.readers (with source_spec, files and movielens): files -> records or RowError."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from beam_pipelines.sources import readers, records
+from beam_pipelines.sources import files, movielens, readers, records, source_spec
 
 DATA = pathlib.Path(__file__).parent / "data"
 BAD_ROWS = DATA / "bad_rows"
@@ -16,11 +16,11 @@ BAD_ROWS = DATA / "bad_rows"
 ML100K_DIR = os.environ.get("SEGREC_ML100K_DIR", "/work/shared/data/ml-100k")
 
 
-def _parse_all(spec: readers.SourceSpec) -> dict:
+def _parse_all(spec: source_spec.SourceSpec) -> dict:
     """location -> record or the RowError's reason, for every row of every file."""
     out = {}
-    for path in readers.expand_paths(spec):
-        for row in readers.iter_raw_rows(spec, path):
+    for path in files.expand_paths(spec):
+        for row in files.iter_raw_rows(spec, path):
             try:
                 out[row.location] = readers.parse_row(spec, row)
             except records.RowError as e:
@@ -28,8 +28,8 @@ def _parse_all(spec: readers.SourceSpec) -> dict:
     return out
 
 
-def _records(spec: readers.SourceSpec) -> list:
-    return [readers.parse_row(spec, r) for p in readers.expand_paths(spec) for r in readers.iter_raw_rows(spec, p)]
+def _records(spec: source_spec.SourceSpec) -> list:
+    return [readers.parse_row(spec, r) for p in files.expand_paths(spec) for r in files.iter_raw_rows(spec, p)]
 
 
 def _write(path: pathlib.Path, text: str) -> str:
@@ -48,7 +48,7 @@ def _strip_location(record):
 def ml100k_specs():
     if not os.path.isfile(os.path.join(ML100K_DIR, "u.data")):
         pytest.skip(f"MovieLens 100K not found at {ML100K_DIR}; set SEGREC_ML100K_DIR")
-    return {s.kind: s for s in readers.movielens_100k_sources(ML100K_DIR)}
+    return {s.kind: s for s in movielens.movielens_100k_sources(ML100K_DIR)}
 
 
 def test_ml100k_every_row_parses(ml100k_specs):
@@ -69,7 +69,7 @@ def test_ml100k_first_rows(ml100k_specs):
     assert toy_story.location == os.path.join(ML100K_DIR, "u.item") + ":1"
     assert items["267"].description == ""  # the one item without a release date
 
-    first = next(readers.iter_raw_rows(ml100k_specs[records.INTERACTIONS], ml100k_specs[records.INTERACTIONS].path))
+    first = next(files.iter_raw_rows(ml100k_specs[records.INTERACTIONS], ml100k_specs[records.INTERACTIONS].path))
     assert readers.parse_row(ml100k_specs[records.INTERACTIONS], first) == records.Interaction(
         "196", "242", 881250949, weight=1.0, rating=3.0, location=first.location
     )
@@ -82,7 +82,7 @@ def test_ml100k_bad_lines(tmp_path):
     (tmp_path / "u.data").write_bytes(b"1\t2\t5\t881250949\n1\t2\tx\t881250949\n1\t2\t5\n1\t2\t5\t12345678901\n")
     (tmp_path / "u.item").write_bytes(b"7|Caf\xe9 (1995)|01-Jan-1995||url|0|1\n8|Bad|||url|0|2\n")
     (tmp_path / "u.user").write_bytes(b"1|24|M|technician|85711\n")
-    specs = {s.kind: s for s in readers.movielens_100k_sources(str(tmp_path))}
+    specs = {s.kind: s for s in movielens.movielens_100k_sources(str(tmp_path))}
     assert list(_parse_all(specs[records.INTERACTIONS]).values())[1:] == [
         records.BAD_NUMBER, records.MALFORMED_ROW, records.BAD_TIMESTAMP,
     ]
@@ -94,14 +94,14 @@ def test_ml100k_bad_lines(tmp_path):
 def test_ml100k_check_source_wrong_file(tmp_path):
     (tmp_path / "u.genre").write_bytes(b"unknown|0\n")
     (tmp_path / "u.data").write_bytes(b"1|2|5|881250949\n")  # "|" instead of tabs
-    spec = readers.movielens_100k_sources(str(tmp_path))[0]
+    spec = movielens.movielens_100k_sources(str(tmp_path))[0]
     with pytest.raises(records.InputError, match=r"u\.data.*expected 4"):
         readers.check_source(spec)
 
 
 def test_ml100k_missing_genre_file(tmp_path):
     with pytest.raises(records.InputError, match="u.genre"):
-        readers.movielens_100k_sources(str(tmp_path))
+        movielens.movielens_100k_sources(str(tmp_path))
 
 
 # --------------------------------------------------------------------------- bad rows
@@ -114,7 +114,7 @@ def test_bad_rows_fixture(kind, name):
     expected = json.loads((BAD_ROWS / "expected.json").read_text())[name]
     expected.pop("pipeline")
     path = str(BAD_ROWS / name)
-    spec = readers.make_spec(kind, path, "csv")
+    spec = source_spec.make_spec(kind, path, "csv")
     readers.check_source(spec)
     got = _parse_all(spec)
     assert sorted(got) == sorted(f"{path}:{line}" for line in expected)
@@ -138,25 +138,25 @@ def test_bad_rows_fixture_holds_invalid_utf8():
 
 def test_bad_rows_values():
     path = str(BAD_ROWS / "interactions.csv")
-    got = _parse_all(readers.make_spec(records.INTERACTIONS, path, "csv"))
+    got = _parse_all(source_spec.make_spec(records.INTERACTIONS, path, "csv"))
     assert got[f"{path}:2"] == records.Interaction("u1", "i1", 1700000000, 1.0, 4.0, "view", f"{path}:2")
     assert got[f"{path}:3"].weight == 1.0  # empty weight
     # 2023-11-14T22:13:20Z is 1700000000 s.
     assert (got[f"{path}:4"].timestamp, got[f"{path}:4"].rating, got[f"{path}:4"].weight) == (1700000000, None, 2.5)
     items_path = str(BAD_ROWS / "items.csv")
-    items = _parse_all(readers.make_spec(records.ITEMS, items_path, "csv"))
+    items = _parse_all(source_spec.make_spec(records.ITEMS, items_path, "csv"))
     assert items[f"{items_path}:3"].title == "Heat, the movie"
     assert items[f"{items_path}:5"].categories == ()
     users_path = str(BAD_ROWS / "users.csv")
-    users = _parse_all(readers.make_spec(records.USERS, users_path, "csv"))
+    users = _parse_all(source_spec.make_spec(records.USERS, users_path, "csv"))
     assert users[f"{users_path}:3"].attributes == (("gender", "F"), ("occupation", "other"))
 
 
 def test_row_error_details_name_field_and_value():
     path = str(BAD_ROWS / "interactions.csv")
-    spec = readers.make_spec(records.INTERACTIONS, path, "csv")
+    spec = source_spec.make_spec(records.INTERACTIONS, path, "csv")
     errors = {}
-    for row in readers.iter_raw_rows(spec, path):
+    for row in files.iter_raw_rows(spec, path):
         try:
             readers.parse_row(spec, row)
         except records.RowError as e:
@@ -182,13 +182,13 @@ def test_row_error_details_name_field_and_value():
 ])
 def test_timestamp_rules(tmp_path, value, expected):
     path = _write(tmp_path / "i.csv", f"user_id,item_id,timestamp\nu,i,{value}\n")
-    [result] = _parse_all(readers.make_spec(records.INTERACTIONS, path, "csv")).values()
+    [result] = _parse_all(source_spec.make_spec(records.INTERACTIONS, path, "csv")).values()
     assert (result if isinstance(result, str) else result.timestamp) == expected
 
 
 def test_timestamp_milliseconds_and_custom_range(tmp_path):
     path = _write(tmp_path / "i.csv", "user_id,item_id,timestamp\nu,i,1700000000123\nu,i,1000\n")
-    spec = readers.make_spec(records.INTERACTIONS, path, "csv", timestamp_unit="ms", min_timestamp=1000000000)
+    spec = source_spec.make_spec(records.INTERACTIONS, path, "csv", timestamp_unit="ms", min_timestamp=1000000000)
     ok, too_early = _parse_all(spec).values()
     assert ok.timestamp == 1700000000 and too_early == records.BAD_TIMESTAMP
 
@@ -203,13 +203,13 @@ def test_timestamp_milliseconds_and_custom_range(tmp_path):
 ])
 def test_weight_and_rating_rules(tmp_path, weight, rating, expected):
     path = _write(tmp_path / "i.csv", f"user_id,item_id,timestamp,weight,rating\nu,i,1700000000,{weight},{rating}\n")
-    [result] = _parse_all(readers.make_spec(records.INTERACTIONS, path, "csv")).values()
+    [result] = _parse_all(source_spec.make_spec(records.INTERACTIONS, path, "csv")).values()
     assert (result if isinstance(result, str) else (result.weight, result.rating)) == expected
 
 
 def test_blank_lines_skipped_and_line_numbers_physical(tmp_path):
     path = _write(tmp_path / "i.csv", "user_id,item_id,timestamp\r\n\r\nu,i,1700000000\r\n   \r\nv,j,1700000001\r\n")
-    rows = list(readers.iter_raw_rows(readers.make_spec(records.INTERACTIONS, path, "csv"), path))
+    rows = list(files.iter_raw_rows(source_spec.make_spec(records.INTERACTIONS, path, "csv"), path))
     assert [(r.location, r.payload) for r in rows] == [(f"{path}:3", b"u,i,1700000000"), (f"{path}:5", b"v,j,1700000001")]
 
 
@@ -217,7 +217,7 @@ def test_blank_lines_skipped_and_line_numbers_physical(tmp_path):
 
 
 def test_check_source_missing_file(tmp_path):
-    spec = readers.make_spec(records.INTERACTIONS, str(tmp_path / "nope.csv"), "csv")
+    spec = source_spec.make_spec(records.INTERACTIONS, str(tmp_path / "nope.csv"), "csv")
     with pytest.raises(records.InputError, match="nope.csv.*no file matches"):
         readers.check_source(spec)
 
@@ -225,13 +225,13 @@ def test_check_source_missing_file(tmp_path):
 def test_check_source_empty_file(tmp_path):
     path = _write(tmp_path / "empty.csv", "")
     with pytest.raises(records.InputError, match="empty.csv.*empty"):
-        readers.check_source(readers.make_spec(records.INTERACTIONS, path, "csv"))
+        readers.check_source(source_spec.make_spec(records.INTERACTIONS, path, "csv"))
 
 
 def test_check_source_csv_missing_column(tmp_path):
     path = _write(tmp_path / "i.csv", "user_id,item,timestamp\nu,i,1\n")
     with pytest.raises(records.InputError) as e:
-        readers.check_source(readers.make_spec(records.INTERACTIONS, path, "csv"))
+        readers.check_source(source_spec.make_spec(records.INTERACTIONS, path, "csv"))
     message = str(e.value)
     assert "i.csv" in message and "['item_id']" in message and "'item'" in message
 
@@ -239,16 +239,16 @@ def test_check_source_csv_missing_column(tmp_path):
 def test_check_source_jsonl_not_json(tmp_path):
     path = _write(tmp_path / "i.jsonl", "user_id,item_id,timestamp\n")
     with pytest.raises(records.InputError, match="i.jsonl.*not JSON"):
-        readers.check_source(readers.make_spec(records.INTERACTIONS, path, "jsonl"))
+        readers.check_source(source_spec.make_spec(records.INTERACTIONS, path, "jsonl"))
     path = _write(tmp_path / "list.jsonl", "[1, 2]\n")
     with pytest.raises(records.InputError, match="list.jsonl.*not an object"):
-        readers.check_source(readers.make_spec(records.INTERACTIONS, path, "jsonl"))
+        readers.check_source(source_spec.make_spec(records.INTERACTIONS, path, "jsonl"))
 
 
 def test_check_source_parquet_not_parquet(tmp_path):
     path = _write(tmp_path / "i.parquet", "user_id,item_id,timestamp\nu,i,1\n")
     with pytest.raises(records.InputError, match="i.parquet.*not a Parquet file"):
-        readers.check_source(readers.make_spec(records.INTERACTIONS, path, "parquet"))
+        readers.check_source(source_spec.make_spec(records.INTERACTIONS, path, "parquet"))
 
 
 def test_check_source_parquet_missing_column(tmp_path):
@@ -256,15 +256,15 @@ def test_check_source_parquet_missing_column(tmp_path):
     path = str(tmp_path / "i.parquet")
     pq.write_table(pa.table({"user_id": ["u"], "timestamp": [1]}), path)
     with pytest.raises(records.InputError, match=r"i.parquet.*\['item_id'\]"):
-        readers.check_source(readers.make_spec(records.INTERACTIONS, path, "parquet"))
+        readers.check_source(source_spec.make_spec(records.INTERACTIONS, path, "parquet"))
 
 
 def test_glob_expansion_tolerates_empty_shard(tmp_path):
     _write(tmp_path / "part-0.csv", "user_id,item_id,timestamp\nu,i,1700000000\n")
     _write(tmp_path / "part-1.csv", "")
-    spec = readers.make_spec(records.INTERACTIONS, str(tmp_path / "part-*.csv"), "csv")
+    spec = source_spec.make_spec(records.INTERACTIONS, str(tmp_path / "part-*.csv"), "csv")
     readers.check_source(spec)
-    assert [os.path.basename(p) for p in readers.expand_paths(spec)] == ["part-0.csv", "part-1.csv"]
+    assert [os.path.basename(p) for p in files.expand_paths(spec)] == ["part-0.csv", "part-1.csv"]
     assert len(_records(spec)) == 1
 
 
@@ -290,7 +290,7 @@ def test_generic_sources_infers_format_and_per_kind_columns(tmp_path):
     with pytest.raises(records.InputError, match="cannot tell the format"):
         readers.generic_sources("a/i.txt", "a/items.csv")
     with pytest.raises(ValueError, match="not a items field"):
-        readers.make_spec(records.ITEMS, "x.csv", "csv", columns={"user_id": "u"})
+        source_spec.make_spec(records.ITEMS, "x.csv", "csv", columns={"user_id": "u"})
 
 
 TABLES = {
@@ -321,7 +321,7 @@ def test_jsonl_parquet_round_trip(tmp_path, kind):
 
     results = []
     for path, fmt in ((jsonl, "jsonl"), (parquet, "parquet")):
-        spec = readers.make_spec(kind, path, fmt)
+        spec = source_spec.make_spec(kind, path, fmt)
         readers.check_source(spec)
         results.append(_records(spec))
     from_jsonl, from_parquet = results
@@ -346,7 +346,7 @@ def test_jsonl_bad_rows(tmp_path):
         b'{"user_id": "u", \n'
         b'{"user_id": "\xff", "item_id": "i1", "timestamp": 1}\n'
     )
-    ok, *bad = _parse_all(readers.make_spec(records.INTERACTIONS, str(path), "jsonl")).values()
+    ok, *bad = _parse_all(source_spec.make_spec(records.INTERACTIONS, str(path), "jsonl")).values()
     assert (ok.user_id, ok.timestamp) == ("7", 1700000000)  # integer ids become strings
     assert bad == [records.BAD_NUMBER, records.MISSING_FIELD, records.MALFORMED_ROW,
                    records.MALFORMED_ROW, records.BAD_ENCODING]
@@ -354,7 +354,7 @@ def test_jsonl_bad_rows(tmp_path):
 
 def test_item_categories_string_in_jsonl(tmp_path):
     path = _write(tmp_path / "items.jsonl", '{"item_id": "i1", "title": "T", "categories": "A| B||A"}\n')
-    [item] = _records(readers.make_spec(records.ITEMS, path, "jsonl"))
+    [item] = _records(source_spec.make_spec(records.ITEMS, path, "jsonl"))
     assert item.categories == ("A", "B")
 
 
@@ -379,7 +379,7 @@ def test_movielens_csv_sources(tmp_path):
            '11,"American President, The (1995)",Comedy|Drama|Romance\n'
            "182727,A Christmas Story Live! (2017),(no genres listed)\n")
     _write(tmp_path / "tags.csv", 'userId,movieId,tag,timestamp\n2,60756,"funny, sort of",1445714994\n2,1,,1\n')
-    specs = {s.kind: s for s in readers.movielens_csv_sources(str(tmp_path))}
+    specs = {s.kind: s for s in movielens.movielens_csv_sources(str(tmp_path))}
     assert set(specs) == {records.INTERACTIONS, records.ITEMS, records.TAGS}
     for spec in specs.values():
         readers.check_source(spec)
@@ -397,13 +397,13 @@ def test_movielens_csv_sources(tmp_path):
 def test_movielens_csv_without_tags(tmp_path):
     _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n")
     _write(tmp_path / "movies.csv", "movieId,title,genres\n")
-    assert [s.kind for s in readers.movielens_csv_sources(str(tmp_path))] == [records.INTERACTIONS, records.ITEMS]
+    assert [s.kind for s in movielens.movielens_csv_sources(str(tmp_path))] == [records.INTERACTIONS, records.ITEMS]
 
 
 def test_spec_is_hashable_and_picklable():
     import pickle
 
-    spec = readers.make_spec(records.ITEMS, "u.item", "ml100k", genres=["a", "b"])
+    spec = source_spec.make_spec(records.ITEMS, "u.item", "ml100k", genres=["a", "b"])
     assert pickle.loads(pickle.dumps(spec)) == spec and hash(spec) == hash(spec)
     assert spec.option("encoding") == "latin-1" and spec.option("genres") == ("a", "b")
 
@@ -418,13 +418,13 @@ def test_parse_row_never_raises_anything_but_row_error(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "nope\n\"s\"\n{}\n\xff\n", encoding="latin-1")
     for kind in (records.INTERACTIONS, records.ITEMS, records.USERS, records.TAGS):
-        spec = readers.make_spec(kind, str(path), "jsonl")
-        for row in readers.iter_raw_rows(spec, str(path)):
+        spec = source_spec.make_spec(kind, str(path), "jsonl")
+        for row in files.iter_raw_rows(spec, str(path)):
             try:
                 readers.parse_row(spec, row)
             except records.RowError:
                 pass
-        parquet_spec = readers.make_spec(kind, "mem.parquet", "parquet")
+        parquet_spec = source_spec.make_spec(kind, "mem.parquet", "parquet")
         for payload in rows:  # the same values as Parquet dict payloads
             try:
                 readers.parse_row(parquet_spec, records.RawRow(kind, "mem.parquet:row 1", payload))

@@ -1,6 +1,6 @@
-"""`segrec score` and beam_pipelines.inference over the tiny export: batched
-RunInference equals the SavedModel's own serving_default per user; queries
-equal preprocess's; bad users go to the dead letter and totals balance; the
+"""`segrec score` and beam_pipelines.inference (model_handler, retrying,
+user_queries) over the tiny export: batched RunInference equals the
+SavedModel's own serving_default per user; queries equal preprocess's; bad users go to the dead letter and totals balance; the
 CLI writes JSONL and Parquet; multi-process DirectRunner gives the same; a
 user the model rejects is dead-lettered and costs none of its batch mates."""
 
@@ -21,13 +21,15 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from test_server import build_tiny_export
 
-from beam_pipelines import inference as inf
-from beam_pipelines import score
+from beam_pipelines import score, score_records
 from beam_pipelines import transforms as T
+from beam_pipelines.inference import model_handler, retrying, user_queries
+from beam_pipelines.inference.user_queries import UserQuery
 from beam_pipelines.sources import readers, records
 from serving.export import layout
 from trainer import features as F
 from trainer.cli import main as cli
+from trainer.contracts import USER_EMBEDDING
 from trainer.data import examples as ex
 
 K, BETA = 5, 0.3
@@ -66,7 +68,7 @@ def _loaded(version_dir):
     return export.load_exported(version_dir)
 
 
-def _direct(version_dir, query: inf.UserQuery, k=K, beta=BETA) -> dict:
+def _direct(version_dir, query: UserQuery, k=K, beta=BETA) -> dict:
     """The SavedModel's serving_default on this one user alone (a batch of 1)."""
     import tensorflow as tf
 
@@ -86,17 +88,17 @@ def test_batch_inputs_pad_history_and_shape_knobs_like_the_signature():
     specs = {F.USER_TEXT: tf.TensorSpec([None], tf.string), F.HISTORY_ITEM_IDS: tf.TensorSpec([None, None], tf.string),
              F.USER_ID: tf.TensorSpec([None], tf.string), F.K: tf.TensorSpec([None], tf.int32),
              F.BETA: tf.TensorSpec([], tf.float32)}
-    batch = [inf.UserQuery("u1", "a", ("x", "y", "z")), inf.UserQuery("u2", "b", ())]
-    got = inf.batch_inputs(batch, specs, k=4, beta=0.5)
+    batch = [UserQuery("u1", "a", ("x", "y", "z")), UserQuery("u2", "b", ())]
+    got = model_handler.batch_inputs(batch, specs, k=4, beta=0.5)
     # Padded to the longest history (3) with "".
     assert got[F.HISTORY_ITEM_IDS].tolist() == [["x", "y", "z"], ["", "", ""]]
     assert got[F.USER_ID].tolist() == ["u1", "u2"]
     assert got[F.K].tolist() == [4, 4] and got[F.K].dtype == np.int32  # [B] spec -> one per row
     assert got[F.BETA].shape == () and got[F.BETA].dtype == np.float32  # scalar spec -> scalar
-    cold = inf.batch_inputs([inf.UserQuery("u", "t")], {F.USER_TEXT: None, F.HISTORY_ITEM_IDS: None})
+    cold = model_handler.batch_inputs([UserQuery("u", "t")], {F.USER_TEXT: None, F.HISTORY_ITEM_IDS: None})
     assert cold[F.HISTORY_ITEM_IDS].shape == (1, 1)  # at least one column
     with pytest.raises(ValueError, match="'k'"):
-        inf.batch_inputs(batch, specs, k=None, beta=0.5)
+        model_handler.batch_inputs(batch, specs, k=None, beta=0.5)
 
 
 def test_resolve_version_dir(export_dir, base_path, tmp_path):
@@ -112,15 +114,15 @@ def test_resolve_version_dir(export_dir, base_path, tmp_path):
 def test_bigquery_rows_match_the_schema():
     record = {"user_id": "u1", "segment_id": np.int32(2), "segment_label": "outdoor", "items": np.array(["a", "b"]),
               "scores": [np.float32(0.5), 0.25], "model_version": 3}
-    row = score.bigquery_row(record)
-    fields = score.bigquery_schema()["fields"]
+    row = score_records.bigquery_row(record)
+    fields = score_records.bigquery_schema()["fields"]
     assert list(row) == [f["name"] for f in fields]
     assert row == {"user_id": "u1", "segment_id": 2, "segment_label": "outdoor", "items": ["a", "b"],
                    "scores": [0.5, 0.25], "model_version": 3}
     assert json.loads(json.dumps(row)) == row  # JSON types only
     modes = {f["name"]: f["mode"] for f in fields}
     assert modes["items"] == modes["scores"] == "REPEATED" and modes["segment_label"] == "NULLABLE"
-    assert score.bigquery_row({**record, "segment_label": None})["segment_label"] is None
+    assert score_records.bigquery_row({**record, "segment_label": None})["segment_label"] is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("apitools") is not None, reason="apache-beam[gcp] is installed")
@@ -164,7 +166,7 @@ def test_queries_equal_preprocess_eval_queries(tiny_generated, base_path, tmp_pa
     assert len(expected) >= 40
 
     with TestPipeline() as p:
-        built = _records(p, _raw_sources(raw)) | inf.BuildUserQueries()
+        built = _records(p, _raw_sources(raw)) | user_queries.BuildUserQueries()
         got = (built.queries
                | beam.Filter(lambda q, keep: q.user_id in keep, keep=set(expected))
                | beam.Map(lambda q: (q.user_id, (q.user_text, q.history_item_ids))))
@@ -207,15 +209,16 @@ def bad_users(tmp_path_factory, tiny_generated):
 def test_bad_users_go_to_the_dead_letter_and_totals_balance(bad_users):
     d, (i1, i2, i3) = bad_users
     with TestPipeline() as p:
-        built = _records(p, _raw_sources(d)) | inf.BuildUserQueries(as_of=1000, window_seconds=100)
+        built = _records(p, _raw_sources(d)) | user_queries.BuildUserQueries(as_of=1000, window_seconds=100)
         assert_that(built.queries | "Ids" >> beam.Map(lambda q: (q.user_id, q.history_item_ids)),
                     equal_to([("u_ok", (i2, i1)), ("u_badrow", (i3,))]), label="Queries")
         users_dead = (built[T.DEAD]
-                      | beam.Filter(lambda d_: d_.source == inf.QUERY_SOURCE)
+                      | beam.Filter(lambda d_: d_.source == user_queries.QUERY_SOURCE)
                       | beam.Map(lambda d_: (d_.location, d_.reason)))
-        assert_that(users_dead, equal_to([("user u_unknown", inf.UNUSABLE_EVENTS), ("user u_profile", inf.NO_EVENTS),
-                                          ("user u_old", inf.NO_EVENTS_IN_WINDOW)]), label="UserDead")
-        rows_dead = (built[T.DEAD] | "Rows" >> beam.Filter(lambda d_: d_.source != inf.QUERY_SOURCE)
+        assert_that(users_dead, equal_to([("user u_unknown", user_queries.UNUSABLE_EVENTS),
+                                          ("user u_profile", user_queries.NO_EVENTS),
+                                          ("user u_old", user_queries.NO_EVENTS_IN_WINDOW)]), label="UserDead")
+        rows_dead = (built[T.DEAD] | "Rows" >> beam.Filter(lambda d_: d_.source != user_queries.QUERY_SOURCE)
                      | "RowReasons" >> beam.Map(lambda d_: (d_.source, d_.reason)))
         # The read step dead-letters the bad timestamp (not counted here); the join the unknown items.
         assert_that(rows_dead, equal_to([("interactions", "unknown_item")] * 2), label="RowDead")
@@ -226,9 +229,10 @@ def test_bad_users_go_to_the_dead_letter_and_totals_balance(bad_users):
 def test_cold_users_are_scored_from_their_profile(bad_users):
     d, _ = bad_users
     with TestPipeline() as p:
-        built = _records(p, _raw_sources(d)) | inf.BuildUserQueries(as_of=1000, window_seconds=100, cold_users=True)
+        built = _records(p, _raw_sources(d)) | user_queries.BuildUserQueries(as_of=1000, window_seconds=100,
+                                                                             cold_users=True)
         cold = built.queries | beam.Filter(lambda q: q.user_id == "u_profile")
-        assert_that(cold, equal_to([inf.UserQuery("u_profile", ex.user_text({"age": "41"}, []), ())]))
+        assert_that(cold, equal_to([UserQuery("u_profile", ex.user_text({"age": "41"}, []), ())]))
 
 
 # --- RunInference against the SavedModel ------------------------------------------------------
@@ -247,14 +251,14 @@ def test_batched_results_equal_per_user_serving_default(tiny_generated, export_d
         assert len({len(q.history_item_ids) for q, _ in results}) > 1
 
     with TestPipeline() as p:
-        built = _records(p, _raw_sources(tiny_generated)) | inf.BuildUserQueries()
-        run = built.queries | inf.RunSegRec(export_dir, k=K, beta=BETA, min_batch_size=8, max_batch_size=16)
+        built = _records(p, _raw_sources(tiny_generated)) | user_queries.BuildUserQueries()
+        run = built.queries | model_handler.RunSegRec(export_dir, k=K, beta=BETA, min_batch_size=8, max_batch_size=16)
         assert_that(run.results | beam.combiners.ToList(), lambda got: check(got[0]))
         assert_that(run[T.DEAD], equal_to([]), label="NoDead")
 
 
 def test_user_embedding_signature(export_dir):
-    queries = [inf.UserQuery("a", "user: unknown.", ()), inf.UserQuery("b", "user: age 30.", ("x", "y"))]
+    queries = [UserQuery("a", "user: unknown.", ()), UserQuery("b", "user: age 30.", ("x", "y"))]
 
     def check(results):
         assert sorted(q.user_id for q, _ in results) == ["a", "b"]
@@ -264,7 +268,7 @@ def test_user_embedding_signature(export_dir):
             assert abs(float(np.linalg.norm(out[F.EMBEDDING])) - 1.0) < 1e-4  # L2-normalised u
 
     with TestPipeline() as p:
-        results = (p | beam.Create(queries) | inf.RunSegRec(export_dir, signature=inf.USER_EMBEDDING)).results
+        results = (p | beam.Create(queries) | model_handler.RunSegRec(export_dir, signature=USER_EMBEDDING)).results
         assert_that(results | beam.combiners.ToList(), lambda got: check(got[0]))
 
 
@@ -337,7 +341,7 @@ def test_cli_scores_a_dataset_dir_from_its_newest_queries(export_dir, base_path,
     split = da.load_split(str(ds), "eval")
     assert len(split) and set(str(u) for u in split.user_ids) <= set(rows)
     user, text, hist = str(split.user_ids[0]), str(split.user_texts[0]), tuple(str(h) for h in split.histories[0])
-    want = _direct(export_dir, inf.UserQuery(user, text, hist))
+    want = _direct(export_dir, UserQuery(user, text, hist))
     assert rows[user]["items"] == [x.decode() for x in want[F.OUT_ITEM_IDS]]
     assert rows[user]["segment_id"] == int(want[F.SEGMENT_ID])
 
@@ -380,7 +384,7 @@ def reject_users(monkeypatch, rejected) -> None:
     InvalidArgumentError an in-graph assert raises (the batch fails whole, as in TensorFlow)."""
     import tensorflow as tf
 
-    call = inf.SignatureCall.__call__
+    call = model_handler.SignatureCall.__call__
 
     def rejecting(self, model, batch, inference_args, model_id=None):
         bad = [q.user_id for q in batch if rejected(q.user_id)]
@@ -389,7 +393,7 @@ def reject_users(monkeypatch, rejected) -> None:
                 None, None, f"Graph execution error:\n\nDetected at node Assert\nassertion failed: [user {bad[0]}]")
         return call(self, model, batch, inference_args, model_id)
 
-    monkeypatch.setattr(inf.SignatureCall, "__call__", rejecting)
+    monkeypatch.setattr(model_handler.SignatureCall, "__call__", rejecting)
 
 
 def _eval_queries(base_path) -> list:
@@ -397,15 +401,15 @@ def _eval_queries(base_path) -> list:
     from trainer.data import arrays as da
 
     split = da.load_split(str(pathlib.Path(base_path).parent / "ds"), "eval")
-    return [inf.UserQuery(str(u), str(t), tuple(str(h) for h in hist))
+    return [UserQuery(str(u), str(t), tuple(str(h) for h in hist))
             for u, t, hist in zip(split.user_ids, split.user_texts, split.histories)]
 
 
 def test_describe_error_is_one_bounded_utf8_line():
     err = ValueError("Graph execution error:\n\n  assertion failed: [x]\n\t" + "\ud800" + "y" * 5000)
-    text = inf.describe_error(err)
+    text = retrying.describe_error(err)
     assert text.startswith("ValueError: Graph execution error: assertion failed: [x] \\ud800y")
-    assert "\n" not in text and len(text) == inf.MAX_ERROR_CHARS and text.endswith("...")
+    assert "\n" not in text and len(text) == retrying.MAX_ERROR_CHARS and text.endswith("...")
     text.encode("utf-8")  # writable to a dead-letter file
 
 
@@ -414,7 +418,7 @@ def test_a_query_the_model_rejects_is_dead_lettered_and_its_batch_mates_scored(e
     retried one by one and scored exactly as the model scores them alone; the bad one is
     dead-lettered with the error."""
     good = _eval_queries(base_path)
-    bad = inf.UserQuery("u_bad", good[0].user_text + " \ud800", good[0].history_item_ids)
+    bad = UserQuery("u_bad", good[0].user_text + " \ud800", good[0].history_item_ids)
     queries = good[:20] + [bad] + good[20:]
 
     def check_results(results):
@@ -427,19 +431,19 @@ def test_a_query_the_model_rejects_is_dead_lettered_and_its_batch_mates_scored(e
 
     def check_dead(letters):
         assert [(d.source, d.location, d.reason) for d in letters] == [
-            (inf.MODEL_SOURCE, "user u_bad", inf.INFERENCE_ERROR)]
+            (retrying.MODEL_SOURCE, "user u_bad", retrying.INFERENCE_ERROR)]
         assert "UTF-8" in letters[0].detail and letters[0].detail.startswith("the model rejected")
         assert json.loads(letters[0].raw)["user_text"] == bad.user_text
         letters[0].to_json().encode("utf-8")
 
     def check_counts(counts):
         counts = dict(counts)
-        assert counts[f"dead.{inf.MODEL_SOURCE}.{inf.INFERENCE_ERROR}"] == 1
+        assert counts[f"dead.{retrying.MODEL_SOURCE}.{retrying.INFERENCE_ERROR}"] == 1
         assert counts["inference.failed_batches"] >= 1
         assert counts["inference.retried_elements"] >= 2  # the bad user had batch mates, retried alone
 
     with TestPipeline() as p:
-        run = p | beam.Create(queries) | inf.RunSegRec(export_dir, k=K, beta=BETA, min_batch_size=10,
+        run = p | beam.Create(queries) | model_handler.RunSegRec(export_dir, k=K, beta=BETA, min_batch_size=10,
                                                        max_batch_size=10)
         assert_that(run.results | beam.combiners.ToList(), lambda got: check_results(got[0]), label="Results")
         assert_that(run[T.DEAD] | "DeadList" >> beam.combiners.ToList(), lambda got: check_dead(got[0]),
@@ -452,9 +456,9 @@ def test_keyed_handler_keeps_keys_through_the_retry(export_dir):
     """RunInferenceRetrying with a KeyedModelHandler (as segment refresh uses it)."""
     from apache_beam.ml.inference.base import KeyedModelHandler
 
-    queries = [("a", inf.UserQuery(f"u{i}", f"user: age {20 + i}.", ())) for i in range(4)]
-    queries.insert(2, ("b", inf.UserQuery("u_bad", "user: \ud800", ())))
-    handler = KeyedModelHandler(inf.SegRecModelHandler(export_dir, inf.USER_EMBEDDING, min_batch_size=5,
+    queries = [("a", UserQuery(f"u{i}", f"user: age {20 + i}.", ())) for i in range(4)]
+    queries.insert(2, ("b", UserQuery("u_bad", "user: \ud800", ())))
+    handler = KeyedModelHandler(model_handler.SegRecModelHandler(export_dir, USER_EMBEDDING, min_batch_size=5,
                                                        max_batch_size=5))
 
     def check_failed(failed):
@@ -463,10 +467,10 @@ def test_keyed_handler_keeps_keys_through_the_retry(export_dir):
         assert (key, query.user_id) == ("b", "u_bad") and "UTF-8" in error
 
     with TestPipeline() as p:
-        run = p | beam.Create(queries) | inf.RunInferenceRetrying(handler)
+        run = p | beam.Create(queries) | retrying.RunInferenceRetrying(handler)
         assert_that(run["results"] | beam.Map(lambda kv: (kv[0], kv[1].example.user_id)),
                     equal_to([("a", f"u{i}") for i in range(4)]), label="Results")
-        assert_that(run[inf.FAILED] | beam.combiners.ToList(), lambda got: check_failed(got[0]), label="Failed")
+        assert_that(run[retrying.FAILED] | beam.combiners.ToList(), lambda got: check_failed(got[0]), label="Failed")
 
 
 def test_cli_dead_letters_users_the_model_rejects(tiny_generated, base_path, export_dir, tmp_path, monkeypatch):
@@ -493,7 +497,7 @@ def test_cli_dead_letters_users_the_model_rejects(tiny_generated, base_path, exp
     rows = _read_jsonl(out)
     assert set(rows) == set(users) - {bad}
     with TestPipeline() as p:  # the same queries the score run built
-        queries = _records(p, _raw_sources(tiny_generated)) | inf.BuildUserQueries()
+        queries = _records(p, _raw_sources(tiny_generated)) | user_queries.BuildUserQueries()
         assert_that(queries.queries | beam.combiners.ToList(), lambda got: _check_rows(got[0], rows, export_dir))
 
 

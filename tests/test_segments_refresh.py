@@ -111,10 +111,11 @@ def test_no_drift_no_flag_and_bad_input_is_counted(world):
     assert len(parquet) == 240 and list(parquet.columns) == ["user_id", "previous_segment", "segment", "similarity"]
 
     # The new segments: versioned, old one kept, same centroid format as the model's.
+    from trainer.segments import document
     from trainer.segments import profiles as sp
 
-    new, old = sp.load(str(out / "segments-v1.json")), sp.load(str(out / "segments-v0.json"))
-    assert sp.centroids_of(new).shape == sp.centroids_of(old).shape == (3, 16)
+    new, old = document.load(str(out / "segments-v1.json")), document.load(str(out / "segments-v0.json"))
+    assert document.centroids(new).shape == document.centroids(old).shape == (3, 16)
     assert (out / "segments.json").read_text() == (out / "segments-v1.json").read_text()
     assert new["refresh"]["version"] == 1 and sum(s["size"] for s in new["segments"]) == 240
     assert all(s["profiled"] == (s["size"] >= 10) for s in new["segments"])
@@ -127,7 +128,7 @@ def test_no_drift_no_flag_and_bad_input_is_counted(world):
     assert code == 0
     d2 = json.loads((out / "v2" / "drift.json").read_text())
     assert d2["users_both"] == 240 and d2["moved_share"] < 0.05
-    assert sp.load(str(out / "segments.json"))["refresh"]["version"] == 2
+    assert document.load(str(out / "segments.json"))["refresh"]["version"] == 2
     assert (out / "segments-v1.json").exists()
 
 
@@ -159,8 +160,8 @@ def test_users_the_model_rejects_are_dead_lettered_in_both_windows(tmp_path_fact
     from test_score import reject_users
     from test_server import build_tiny_export
 
-    from beam_pipelines import inference as inf
     from beam_pipelines import refresh
+    from beam_pipelines.inference import retrying
 
     export_dir = build_tiny_export(tmp_path_factory, tiny_generated)
     events = pd.read_csv(tiny_generated / "interactions.csv", dtype={"user_id": str})
@@ -182,16 +183,16 @@ def test_users_the_model_rejects_are_dead_lettered_in_both_windows(tmp_path_fact
     users = stats["users"]
     assert users["balanced"] and stats["balanced"]
     assert users["queries"] == len(current) and users["embedded"] == len(current) - 1
-    assert users["dead_letter"][inf.INFERENCE_ERROR] == 1 and users["previous_window_inference_failed"] == 1
+    assert users["dead_letter"][retrying.INFERENCE_ERROR] == 1 and users["previous_window_inference_failed"] == 1
     assert users["in"] == users["embedded"] + users["dead_lettered"]
     # The runner decides the batches (small ones here, after the group-by); each failed one was retried.
     assert stats["inference"]["failed_batches"] >= 1
     assert stats["inference"]["retried_one_by_one"] >= 2  # at least the two bad users
     letters = [json.loads(line) for f in glob.glob(str(out / "v1" / "dead_letter" / "*.jsonl")) for line in open(f)]
-    model = sorted((d["location"], d["reason"]) for d in letters if d["source"] == inf.MODEL_SOURCE)
+    model = sorted((d["location"], d["reason"]) for d in letters if d["source"] == retrying.MODEL_SOURCE)
     assert model == sorted([(f"user {bad_now}", "inference_error"),
                             (f"user {bad_before} (previous window)", "inference_error")])
-    assert all("assertion failed" in d["detail"] for d in letters if d["source"] == inf.MODEL_SOURCE)
+    assert all("assertion failed" in d["detail"] for d in letters if d["source"] == retrying.MODEL_SOURCE)
     assigned = set(_assignments(out)["user_id"])
     assert assigned == set(current) - {bad_now}
     assert users["assigned"] == len(assigned) and sum(json.loads((out / "v1" / "drift.json").read_text())

@@ -6,10 +6,11 @@ u.item and u.user are "|"-separated latin-1, and u.item stores genres as 19
 the specs are built (driver side) and travel inside the spec, so workers never
 need u.genre. The CSV releases (latest, 20M, 25M, 32M) go through the generic
 CSV reader in `readers` with MovieLens column names; only the spec building
-lives here.
+lives here (and `MLCSV_NO_GENRES`, the genre placeholder the generic
+reader drops; the MovieLens CSV column names are `source_spec.MLCSV_COLUMNS`).
 
-`readers` imports this module lazily (it calls `parse_ml100k` and
-`check_ml100k`), and this module builds on `readers`' value coercions.
+This module builds on `source_spec`, `files` and `values`; `readers`
+dispatches ml100k rows and checks here (`parse_ml100k`, `check_ml100k`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines.sources import readers, records, values
+from beam_pipelines.sources import files, records, source_spec, values
 
 # File name -> (kind, fields per line, separator).
 ML100K_FILES = {
@@ -29,6 +30,7 @@ ML100K_FILES = {
 _SEPARATORS = {kind: sep for kind, _, sep in ML100K_FILES.values()}
 _ITEM_FIXED_FIELDS = 5  # id | title | release date | video release date | IMDb URL
 USER_ATTRIBUTES = ("age", "gender", "occupation", "zip")
+MLCSV_NO_GENRES = "(no genres listed)"  # movies.csv's genres of a movie without any
 
 
 def read_genres(path: str) -> tuple:
@@ -56,23 +58,23 @@ def movielens_100k_sources(data_dir: str, **options: Any) -> list:
     specs = []
     for name, (kind, _, _) in ML100K_FILES.items():
         extra = {"genres": tuple(genres)} if kind == records.ITEMS else {}
-        specs.append(readers.make_spec(kind, FileSystems.join(data_dir, name), "ml100k", **options, **extra))
+        specs.append(source_spec.make_spec(kind, FileSystems.join(data_dir, name), "ml100k", **options, **extra))
     return specs
 
 
 def movielens_csv_sources(data_dir: str, **options: Any) -> list:
     """Specs for ratings.csv, movies.csv and, when present, tags.csv in `data_dir`."""
     specs = [
-        readers.make_spec(records.INTERACTIONS, FileSystems.join(data_dir, "ratings.csv"), "mlcsv", **options),
-        readers.make_spec(records.ITEMS, FileSystems.join(data_dir, "movies.csv"), "mlcsv", **options),
+        source_spec.make_spec(records.INTERACTIONS, FileSystems.join(data_dir, "ratings.csv"), "mlcsv", **options),
+        source_spec.make_spec(records.ITEMS, FileSystems.join(data_dir, "movies.csv"), "mlcsv", **options),
     ]
     tags = FileSystems.join(data_dir, "tags.csv")
     if FileSystems.exists(tags):
-        specs.append(readers.make_spec(records.TAGS, tags, "mlcsv", **options))
+        specs.append(source_spec.make_spec(records.TAGS, tags, "mlcsv", **options))
     return specs
 
 
-def _expected_fields(spec: readers.SourceSpec) -> int:
+def _expected_fields(spec: source_spec.SourceSpec) -> int:
     if spec.kind == records.ITEMS:
         genres = spec.option("genres")
         if not genres:
@@ -83,7 +85,7 @@ def _expected_fields(spec: readers.SourceSpec) -> int:
     return next(n for kind, n, _ in ML100K_FILES.values() if kind == spec.kind)
 
 
-def check_ml100k(spec: readers.SourceSpec, path: str, first_line: bytes) -> None:
+def check_ml100k(spec: source_spec.SourceSpec, path: str, first_line: bytes) -> None:
     """The first line must have the file's field count and separator."""
     expected = _expected_fields(spec)
     sep = _SEPARATORS[spec.kind]
@@ -95,9 +97,9 @@ def check_ml100k(spec: readers.SourceSpec, path: str, first_line: bytes) -> None
         )
 
 
-def parse_ml100k(spec: readers.SourceSpec, row: records.RawRow) -> readers.Record:
+def parse_ml100k(spec: source_spec.SourceSpec, row: records.RawRow) -> records.Record:
     """One line of u.data/u.item/u.user -> a record, or RowError."""
-    text = readers.decode(spec, row.payload)
+    text = files.decode(spec, row.payload)
     fields = text.split(_SEPARATORS[spec.kind])
     expected = _expected_fields(spec)
     if len(fields) != expected:

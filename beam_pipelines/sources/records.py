@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional
+from typing import Optional, Union
 
 # Why a row was dead-lettered. The names are stable: stats.json and tests
 # key on them.
@@ -98,6 +98,9 @@ class ItemTag:
     item_id: str
     tag: str
     location: str = ""
+
+
+Record = Union[Interaction, Item, User, ItemTag]  # what a reader turns one row into
 
 
 @dataclasses.dataclass(frozen=True)

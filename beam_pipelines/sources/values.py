@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 from beam_pipelines.sources import records
 
-# One coercion per kind of field, shared by every format (readers_movielens
+# One coercion per kind of field, shared by every format (`movielens`
 # uses them too), so a value gets the same reason wherever it comes from.
 
 
@@ -84,7 +84,7 @@ class TimestampRule:
     @classmethod
     @functools.lru_cache(maxsize=64)  # once per spec, not once per row
     def from_spec(cls, spec) -> "TimestampRule":
-        """spec: a readers.SourceSpec (hashable, so the rule is built once per spec)."""
+        """spec: a source_spec.SourceSpec (hashable, so the rule is built once per spec)."""
         unit = spec.option("timestamp_unit")
         if unit not in ("s", "ms"):
             raise ValueError(f"timestamp_unit must be 's' or 'ms', got {unit!r}")

@@ -135,11 +135,11 @@ def parse_column_map(entries) -> dict:
     unknown = set(per_kind) - set(kinds)
     if unknown:
         raise UserError(f"--map names unknown kind(s) {sorted(unknown)}; expected one of {kinds}")
-    from beam_pipelines.sources import readers
+    from beam_pipelines.sources import source_spec
 
     out = {}
     for kind in kinds:
-        required, optional = readers.FIELDS[kind]
+        required, optional = source_spec.FIELDS[kind]
         m = {k: v for k, v in flat.items() if k in required + optional}
         m.update(per_kind.get(kind, {}))
         out[kind] = m

@@ -160,10 +160,11 @@ def run(config: DemoConfig, echo=print) -> dict:
     scores_dir = os.path.join(config.output_dir, "scores")
 
     def score_stage() -> str:
-        from beam_pipelines import score
+        from beam_pipelines import score, score_records
 
         summary = score.run(score.ScoreConfig(model_dir=models_dir, output_dir=scores_dir, sources=raw_sources(),
-                                              source_name=config.data, formats=(score.JSONL, score.PARQUET),
+                                              source_name=config.data,
+                                              formats=(score_records.JSONL, score_records.PARQUET),
                                               overwrite=True), config.beam_args)
         echo(score.format_summary(summary))
         users = summary.stats["users"]

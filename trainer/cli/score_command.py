@@ -44,11 +44,11 @@ def _add_score_args(p: argparse.ArgumentParser) -> None:
 
 
 def _formats(args: argparse.Namespace) -> tuple:
-    from beam_pipelines import score
+    from beam_pipelines import score_records
 
     if not args.format:
-        return () if args.bigquery_table else (score.JSONL,)
-    return cli_data.parse_formats(args.format, score.FORMATS)
+        return () if args.bigquery_table else (score_records.JSONL,)
+    return cli_data.parse_formats(args.format, score_records.FORMATS)
 
 
 def _has_raw_input(args: argparse.Namespace) -> bool:
