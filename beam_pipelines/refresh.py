@@ -328,11 +328,11 @@ def plan_refresh(config: RefreshConfig, options: PipelineOptions) -> RefreshPlan
     previous = config.previous or layout.join(version_dir, SEGMENTS_FILE)
     if not _exists(previous):
         raise records.InputError(f"{previous}: no segments.json (pass --previous PATH: the current segments)")
-    doc = document.load(previous)
     try:
+        doc = document.load(previous)
         centroids = document.centroids(doc, previous)
-    except (KeyError, TypeError) as err:
-        raise records.InputError(f"{previous}: not a segments.json (needs segments[].centroid)") from err
+    except ValueError as err:  # names the file and what is wrong with it
+        raise records.InputError(str(err)) from err
     if centroids.ndim != 2 or centroids.shape[0] < 1:
         raise records.InputError(f"{previous}: centroids have shape {centroids.shape}; expected [K, d]")
     prev_version = int((doc.get("refresh") or {}).get("version", 0))

@@ -12,7 +12,7 @@ import pathlib
 import pytest
 from test_server import build_tiny_export
 
-from serving.frontend import app as frontend
+from serving.frontend import web as frontend
 from trainer import features as F
 from trainer.data import examples
 

@@ -16,7 +16,7 @@ import time
 import pytest
 from test_frontend import dataset_dir_of, export_dir, served  # noqa: F401  (module fixtures)
 
-from serving.frontend import app as frontend
+from serving.frontend import web as frontend
 from serving.server.launch import free_port
 
 CHROMIUM = "/usr/bin/chromium"

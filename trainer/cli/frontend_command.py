@@ -28,7 +28,7 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
 def run_frontend(args: argparse.Namespace, beam_args) -> int:
     import os
 
-    from serving.frontend import app as frontend
+    from serving.frontend import web as frontend
 
     if args.dataset_dir and not os.path.isdir(args.dataset_dir):
         raise UserError(f"--dataset-dir {args.dataset_dir} is not a directory")
