@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from trainer.segments import document as segments_doc
 from trainer.segments import profiles as sp
 
 
@@ -38,11 +39,11 @@ def test_profiles_describe_what_sets_each_segment_apart(tmp_path):
     # Below the privacy floor: size only, no profile.
     assert s2["profiled"] is False and "top_items" not in s2 and "attributes" not in s2
     path = str(tmp_path / "segments.json")
-    sp.save(doc, path)
-    back = sp.load(path)
+    segments_doc.save(doc, path)
+    back = segments_doc.load(path)
     assert back["quality"] == {"silhouette": 0.5}
-    np.testing.assert_allclose(sp.centroids_of(back), np.eye(3, 4))
-    assert sp.labels_of(back)[1].startswith("kitchen")
+    np.testing.assert_allclose(segments_doc.centroids(back), np.eye(3, 4))
+    assert segments_doc.label_list(back)[1].startswith("kitchen")
 
 
 def _occupations():
@@ -105,7 +106,7 @@ def test_colliding_labels_take_the_next_feature_then_an_id():
     inputs = sp.ProfileInputs(user_ids=users, labels=np.array(labels), centroids=np.zeros((5, 2)), histories=hist,
                               attributes={u: {"tier": "basic"} for u in users}, item_titles={},
                               item_categories=cats)
-    labels_out = sp.labels_of(sp.build_profiles(inputs, min_profile_size=20))
+    labels_out = segments_doc.label_list(sp.build_profiles(inputs, min_profile_size=20))
     assert labels_out == ["fitness + outdoor + books", "fitness + outdoor + music", "kitchen + books + music #2",
                           "kitchen + books + music #3", "segment 4 (too small to profile)"]
     assert len(set(labels_out)) == len(labels_out)

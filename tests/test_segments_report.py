@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import trainer  # noqa: F401
+from trainer.segments import document as segments_doc
 from trainer.segments import profiles as sp
 from trainer.segments import segment_report as rep
 
@@ -38,8 +39,8 @@ def _world(seed=0, sizes=SIZES):
 def test_report_renders_and_hides_small_segments(tmp_path):
     doc, users, emb, labels = _world()
     prev_doc, *_ = _world(seed=1, sizes=(50, 20, 6))
-    sp.save(doc, str(tmp_path / "segments.json"))
-    sp.save(prev_doc, str(tmp_path / "prev.json"))
+    segments_doc.save(doc, str(tmp_path / "segments.json"))
+    segments_doc.save(prev_doc, str(tmp_path / "prev.json"))
     previous = labels.copy()
     previous[:10] = 1  # 10 hikers were cooks before
     previous[-1] = -1  # one user is new
@@ -87,7 +88,7 @@ def test_report_renders_and_hides_small_segments(tmp_path):
 
 def test_minimal_report_and_errors(tmp_path):
     doc, users, emb, labels = _world()
-    sp.save(doc, str(tmp_path / "s.json"))
+    segments_doc.save(doc, str(tmp_path / "s.json"))
     paths = rep.write_report(str(tmp_path / "s.json"), str(tmp_path / "r"), min_segment_users=50)
     assert set(paths) == {"md", "html", "json"}  # every segment hidden: no figures
     md = (tmp_path / "r" / "report.md").read_text()
@@ -106,7 +107,7 @@ def test_minimal_report_and_errors(tmp_path):
 def test_write_report_leaves_the_matplotlib_backend_alone(tmp_path):
     # As tests/test_report.py: a fresh interpreter on the svg backend keeps it after the report's figures.
     doc, users, emb, labels = _world()
-    sp.save(doc, str(tmp_path / "s.json"))
+    segments_doc.save(doc, str(tmp_path / "s.json"))
     rep.save_embeddings(str(tmp_path / "emb.npz"), rep.EmbeddingSet(np.array(users), emb, labels, labels))
     code = textwrap.dedent("""
         import sys

@@ -23,7 +23,7 @@ import tempfile
 
 from trainer.cli.registry import UserError, command
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # trainer/cli/ -> repo
 
 
 def _add_vertex_args(p: argparse.ArgumentParser) -> None:
