@@ -1,4 +1,4 @@
-"""CLI adapter of the serving commands: `segrec export`."""
+"""CLI adapters of the serving commands: `segrec export`, `segrec serve`, `segrec recommend`."""
 
 from __future__ import annotations
 

@@ -1,1 +1,7 @@
-"""The dataset dir contract: query/example building, tf.data input, numpy arrays of a split."""
+"""The dataset dir contract, read and built: what preprocessing writes and training reads.
+
+    examples     query features and (query, positive) examples, one rule set for
+                 preprocess, batch scoring, the segment refresh and the frontend
+    tf_dataset   tf.data input: the item catalog and batches of examples
+    arrays       a split as plain numpy arrays (evaluation, profiles, reports)
+"""

@@ -1,4 +1,4 @@
-"""segments.json: what each learned user segment is, in words and numbers.
+"""Segment profiles: what each learned user segment is, in words and numbers (segments.json's entries).
 
 For every segment: its centroid, size and share, top categories and items of
 its members' interactions (with lift over the whole population, so a segment
