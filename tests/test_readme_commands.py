@@ -195,7 +195,7 @@ class Workspace:
             from serving.server.launch import health_status
 
             target = f"127.0.0.1:{args[args.index('--port') + 1]}"
-            self._wait(proc, args, lambda: health_status(target) == "SERVING")
+            self._wait(proc, args, lambda: health_status(target))
         else:
             port = args[args.index("--port") + 1]
 
