@@ -41,15 +41,21 @@ Output (`output_dir`):
     v<N>/assignments-*.jsonl (and .parquet with format parquet): user_id,
                          previous_segment (null: not in the previous window),
                          segment, similarity (cosine to its centroid)
-    v<N>/drift.json, v<N>/drift.md   migration, centroid shift, PSI, new /
-                         vanished segments, verdict
+    v<N>/drift.json, v<N>/drift.md   verdict and its reasons, each check with
+                         the counts behind it, per segment: users before / now,
+                         PSI term (smoothed counts), centroid shift, status;
+                         migration
     v<N>/embeddings.npz  the embedding sample (segments_report.load_embeddings)
     v<N>/stats.json      counts: users in = embedded + dead-lettered, queries
                          built = embedded + rejected by the model, ...
     v<N>/dead_letter/    users without a query in the window, users the
                          model rejected, bad rows
 
-Exit status (the CLI's): 0 no drift, EXIT_DRIFT (3) when retraining is advised.
+Verdict (trainer.segments.drift.summarize_drift) and the CLI's exit status:
+0 no drift; EXIT_DRIFT (3) retraining advised; EXIT_INSUFFICIENT_DATA (4)
+too few users to judge (a window under `min_window_users`, or a check that
+could not be judged: see drift.json's "reasons"). Every file is written
+whatever the verdict.
 """
 
 from __future__ import annotations
@@ -81,7 +87,9 @@ from trainer.segments import document
 from trainer.segments import drift as sd
 
 _LOG = logging.getLogger("segrec.refresh")
-EXIT_DRIFT = 3  # `segrec segments refresh` exit status when retraining is advised
+EXIT_CODES = refresh_report.EXIT_CODES  # verdict -> `segrec segments refresh` exit status
+EXIT_DRIFT = EXIT_CODES[sd.RETRAIN]  # 3: retraining advised
+EXIT_INSUFFICIENT_DATA = EXIT_CODES[sd.INSUFFICIENT_DATA]  # 4: too few users to judge drift
 WORK_DIR = "_work"
 _VERSION_FILE = re.compile(r"^segments-v(\d+)\.json$")
 
@@ -97,6 +105,9 @@ class RefreshConfig:
       one beside the model). previous_assignments: a previous refresh's
       assignments (jsonl, glob allowed): old segments come from there instead
       of embedding the previous window.
+    min_segment_users, min_window_users, min_compared_users: how many users
+      a drift figure needs to count (trainer.segments.drift.DriftMinimums);
+      min_segment_users is also the profiles' privacy floor.
     """
 
     model_dir: str
@@ -107,6 +118,8 @@ class RefreshConfig:
     previous: Optional[str] = None
     previous_assignments: Optional[str] = None
     min_segment_users: int = 20
+    min_window_users: int = 200
+    min_compared_users: int = 100
     thresholds: sd.DriftThresholds = sd.DriftThresholds()
     kmeans: sd.KMeansSettings = sd.KMeansSettings()
     policy: ex.ExamplePolicy = ex.ExamplePolicy()
@@ -124,13 +137,17 @@ class RefreshConfig:
             raise ValueError("refresh needs an interactions source and an items source (as preprocess)")
         if not self.window_days > 0:
             raise ValueError(f"--window-days must be > 0, got {self.window_days}")
-        if self.min_segment_users < 1:
-            raise ValueError(f"--min-segment-users must be >= 1, got {self.min_segment_users}")
+        _ = self.minimums  # DriftMinimums names the flag of a minimum under 1
         bad = set(self.formats) - {"jsonl", "parquet"}
         if bad or not self.formats:
             raise ValueError(f"--format must be jsonl and/or parquet, got {self.formats}")
         if self.embedding_sample < 0 or self.max_profile_users < 1:
             raise ValueError("--embedding-sample must be >= 0 and --max-profile-users >= 1")
+
+    @property
+    def minimums(self) -> sd.DriftMinimums:
+        return sd.DriftMinimums(window_users=self.min_window_users, compared_users=self.min_compared_users,
+                                segment_users=self.min_segment_users)
 
     @property
     def window_seconds(self) -> int:
@@ -165,7 +182,7 @@ class RefreshSummary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_DRIFT if self.drift["retrain_advised"] else 0
+        return EXIT_CODES[self.drift["verdict"]]
 
 
 def _single(pcoll, path: str, label: str) -> None:
@@ -387,7 +404,7 @@ def run(config: RefreshConfig, beam_args: Sequence[str] = ()) -> RefreshSummary:
     dc = json.loads(outputs.read_text(plan.work("drift_counts.json")))
     new_centroids = np.asarray(dc["centroids"], np.float64)
     drift = refresh_report.drift_figures(
-        dc, plan.old_centroids, new_centroids, min_segment_users=config.min_segment_users,
+        dc, plan.old_centroids, new_centroids, minimums=config.minimums,
         thresholds=config.thresholds, version=plan.version, as_of=plan.as_of, window_seconds=w,
         previous_segments=plan.previous_path, model=plan.version_dir,
         old_assignments=config.previous_assignments or "previous window embedded",
@@ -408,9 +425,9 @@ def format_summary(summary: RefreshSummary) -> str:
              f"  users: {u['in']:,} in, {u['embedded']:,} embedded, {u['dead_lettered']:,} dead-lettered "
              f"({', '.join(f'{k} {v:,}' for k, v in u['dead_letter'].items()) or 'none'}); "
              f"{u['in_previous_window']:,} in the previous window, {u['entered']:,} entered, {u['left']:,} left",
-             f"  drift: PSI {d['psi_total']:.3f}, {d['moved_share']:.1%} of {d['users_both']:,} users moved, "
-             f"max centroid shift {d['max_centroid_shift']:.3f}",
-             f"  {d['verdict']}"]
+             f"  drift: {refresh_report.figures_line(d)}",
+             f"  {d['verdict_text']}"]
+    lines += [f"  not judged: {why}" for why in d["insufficient"] if why not in d["reasons"]]
     for name in ("segments", "segments_latest", "drift_md", "drift_json", "stats", "embeddings"):
         lines.append(f"  {name:<16} {summary.files[name]}")
     if summary.files["assignments"]:

@@ -3,7 +3,7 @@
     the pipeline's counts --compose_stats--> stats.json (users in = embedded + dead-lettered, ...)
     the pipeline's drift counts --drift_figures--> drift.json (trainer.segments.drift.summarize_drift)
     profile rows + catalog (the pipeline's work files) --new_segments_doc--> segments-v<N>.json
-    drift figures --drift_markdown--> drift.md
+    drift figures --drift_markdown--> drift.md (verdict, reasons, each check with the users behind it)
     write_outputs: segments-v<N>.json, segments-v<N-1>.json (kept), segments.json (the newest),
                    v<N>/drift.json, v<N>/drift.md, v<N>/stats.json, v<N>/embeddings.npz
 
@@ -30,8 +30,11 @@ DAY = 86_400  # seconds: refresh windows are given and shown in days
 
 # The drift figures a new segments.json carries in its `refresh` block.
 REFRESH_KEYS = ("version", "as_of", "window_seconds", "previous_segments", "model", "migration", "sizes_old",
-                "psi_total", "moved_share", "max_centroid_shift", "new_segments", "vanished_segments",
-                "retrain_advised", "verdict")
+                "users_old", "users_new", "users_both", "users_moved", "psi_total", "psi_alpha", "moved_share",
+                "max_centroid_shift", "new_segments", "vanished_segments", "min_window_users", "min_compared_users",
+                "min_segment_users", "verdict", "verdict_text", "reasons", "retrain_advised")
+# `segrec segments refresh`'s exit status per verdict (named in drift.md; refresh.EXIT_DRIFT / EXIT_INSUFFICIENT_DATA).
+EXIT_CODES = {sd.NO_DRIFT: 0, sd.RETRAIN: 3, sd.INSUFFICIENT_DATA: 4}
 
 
 def compose_stats(counts: dict, previous_window: bool) -> dict:
@@ -68,7 +71,7 @@ def compose_stats(counts: dict, previous_window: bool) -> dict:
 
 
 def drift_figures(drift_counts: dict, old_centroids: np.ndarray, new_centroids: np.ndarray, *,
-                  min_segment_users: int, thresholds: sd.DriftThresholds, version: int, as_of: int,
+                  minimums: sd.DriftMinimums, thresholds: sd.DriftThresholds, version: int, as_of: int,
                   window_seconds: int, previous_segments: str, model: str, old_assignments: str,
                   kmeans: dict) -> dict:
     """drift.json: summarize_drift of the pipeline's drift counts, and what the run compared.
@@ -81,8 +84,7 @@ def drift_figures(drift_counts: dict, old_centroids: np.ndarray, new_centroids: 
     dc = drift_counts
     baseline = np.asarray(dc["baseline"], np.float64) if dc["baseline"] is not None else old_centroids
     drift = sd.summarize_drift(baseline, new_centroids, np.asarray(dc["migration"]), np.asarray(dc["sizes_old"]),
-                               np.asarray(dc["sizes_new"]), min_segment_users=min_segment_users,
-                               thresholds=thresholds)
+                               np.asarray(dc["sizes_new"]), minimums=minimums, thresholds=thresholds)
     drift.update({"version": version, "as_of": as_of, "window_seconds": window_seconds,
                   "centroid_shift_baseline": ("the same k-means update over the previous window"
                                               if dc["baseline"] is not None else "the previous segments' centroids"),
@@ -142,27 +144,87 @@ def new_segments_doc(centroids: np.ndarray, sizes: np.ndarray, drift: dict, *, p
     return doc
 
 
+def _users(before, now) -> str:
+    return f"{before} users before, {now} now"
+
+
+def figures_line(drift: dict) -> str:
+    """The drift figures in one line, each with the users behind it (the CLI's summary)."""
+    d, cs = drift, drift["checks"]["centroid_shift"]
+    noise = f"; sampling alone gives ~{d['psi_noise']:.3f}" if d.get("psi_noise") is not None else ""
+    shift = (f"max centroid shift {cs['value']:.3f} (segment {cs['segment']}: {_users(cs['users_old'], cs['users_new'])})"
+             if cs["value"] is not None else f"centroid shift: no segment with {cs['min_users']} users in both windows")
+    return (f"PSI {d['psi_total']:.3f} ({_users(d['users_old'], d['users_new'])}{noise}), "
+            f"{d['users_moved']} of {d['users_both']} users in both windows moved ({d['moved_share']:.1%}), {shift}")
+
+
+def _judged(drift: dict, name: str) -> str:
+    c = drift["checks"][name]
+    if name == "new_or_vanished" and not c["enabled"]:
+        return "off (--ignore-new-vanished)"
+    if c["judged"]:
+        return "yes"
+    if min(drift["users_old"], drift["users_new"]) < drift["min_window_users"]:
+        return f"no: a window has fewer than {drift['min_window_users']} users"
+    if name == "moved_share":
+        return f"no: {c['users_both']} < {c['min_users']} users in both windows"
+    return f"no: no segment has {c['min_users']} users in both windows"
+
+
 def drift_markdown(drift: dict, doc: dict) -> str:
-    """drift.md: the verdict line first, then the tables."""
-    k = drift["num_segments"]
+    """drift.md: the verdict line first, its rule and reasons, then every check with the counts behind it."""
+    d, k = drift, drift["num_segments"]
+    checks = d["checks"]
     labels = {s["id"]: s["label"] for s in doc["segments"]}
-    lines = [f"# Segment refresh v{drift['version']}", "", f"**{drift['verdict']}**", "",
-             f"- Window: [{drift['as_of'] - drift['window_seconds']}, {drift['as_of']}) "
-             f"({drift['window_seconds'] / DAY:g} days); old segments: {drift['old_assignments']}",
-             f"- Users: {drift['users_new']} now, {drift['users_old']} before, {drift['users_both']} in both, "
-             f"{drift['users_moved']} changed segment ({drift['moved_share']:.1%})",
-             f"- PSI total {drift['psi_total']:.4f}; max centroid shift {drift['max_centroid_shift']:.4f} "
-             f"(1 - cosine, against {drift['centroid_shift_baseline']})",
-             f"- New segments (grew past {drift['min_segment_users']} users): {drift['new_segments'] or 'none'}; "
-             f"vanished: {drift['vanished_segments'] or 'none'}",
-             f"- Thresholds: {drift['thresholds']}", "", "## Per segment", "",
-             "| Segment | Label | Users before | Users now | PSI | Centroid shift |", "|---|---|---:|---:|---:|---:|"]
-    for i in range(k):
-        lines.append(f"| {i} | {labels.get(i, '')} | {drift['sizes_old'][i]} | {drift['sizes_new'][i]} | "
-                     f"{drift['psi'][i]:.4f} | {drift['centroid_shift'][i]:.4f} |")
+    pct = "{:.1%}".format
+    lines = [f"# Segment refresh v{d['version']}", "", f"**{d['verdict_text']}**", "",
+             f"Verdict `{d['verdict']}` (exit status {EXIT_CODES[d['verdict']]}). `no_drift` (0): every check judged "
+             "on enough users and none over its threshold; `retrain` (3): a check judged on enough users is over its "
+             "threshold; `insufficient_data` (4): a window has fewer than the minimum of users, or no check is over "
+             "its threshold but one could not be judged. Too small a segment never decides on its own.", ""]
+    lines += [f"- Window: [{d['as_of'] - d['window_seconds']}, {d['as_of']}) "
+              f"({d['window_seconds'] / DAY:g} days); old segments: {d['old_assignments']}",
+              f"- Users: {d['users_new']} now, {d['users_old']} before, {d['users_both']} in both, "
+              f"{d['users_moved']} of those changed segment",
+              f"- Minimums: {d['min_window_users']} users per window (--min-window-users), {d['min_compared_users']} in "
+              f"both windows (--min-compared-users), {d['min_segment_users']} per segment (--min-segment-users)"]
+    lines += [f"- Not judged: {why}" for why in d["insufficient"]]
+    lines += [f"- Thresholds: {d['thresholds']}", "", "## Checks", "",
+              "| Check | Value | Threshold | Users behind it | Judged | Over threshold |",
+              "|---|---:|---:|---|---|---|"]
+    noise = (f"; sampling alone gives ~{d['psi_noise']:.4f}" if d.get("psi_noise") is not None else "")
+    mv, cs, nv = checks["moved_share"], checks["centroid_shift"], checks["new_or_vanished"]
+    rows = [("PSI, total", f"{d['psi_total']:.4f}", f"{checks['psi']['threshold']:g}",
+             _users(d["users_old"], d["users_new"]) + noise, "psi"),
+            ("Moved share", f"{pct(mv['value'])} ({mv['users_moved']} of {mv['users_both']})", pct(mv["threshold"]),
+             f"{mv['users_both']} users in both windows", "moved_share"),
+            ("Max centroid shift (1 - cos)",
+             f"{cs['value']:.4f} (segment {cs['segment']})" if cs["value"] is not None else "–",
+             f"{cs['threshold']:g}",
+             (f"segment {cs['segment']}: {_users(cs['users_old'], cs['users_new'])}; over segments "
+              f"{cs['segments_judged']}, against {d['centroid_shift_baseline']}") if cs["value"] is not None else "–",
+             "centroid_shift"),
+            ("New / vanished segments", f"new {nv['new'] or 'none'}, vanished {nv['vanished'] or 'none'}",
+             f"crossing {nv['min_users']} users",
+             "; ".join(f"segment {s['id']}: {_users(s['users_old'], s['users_new'])}" for s in d["segments"]
+                       if s["id"] in nv["new"] + nv["vanished"]) or "–", "new_or_vanished")]
+    for name, value, threshold, behind, key in rows:
+        over = ("yes" if checks[key]["exceeded"] else "no") if checks[key]["judged"] else "–"
+        lines.append(f"| {name} | {value} | {threshold} | {behind} | {_judged(d, key)} | {over} |")
+    lines += ["", "## Per segment", "",
+              f"PSI terms use the shares of counts + {d['psi_alpha']:g} each (additive smoothing), so an empty segment "
+              f"gives a finite term; shares below are the raw ones. A segment needs {d['min_segment_users']} users in "
+              "a window for its own figures to count.", "",
+              "| Segment | Label | Users before | Users now | Share before | Share now | PSI term | Centroid shift | Status |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for s in d["segments"][:k]:
+        status = s["status"] + (f": {s['note']}" if s["note"] else "")
+        lines.append(f"| {s['id']} | {labels.get(s['id'], '')} | {s['users_old']} | {s['users_new']} | "
+                     f"{pct(s['share_old'])} | {pct(s['share_new'])} | {s['psi']:.4f} | {s['centroid_shift']:.4f} | "
+                     f"{status} |")
     lines += ["", "## Migration (rows: before, columns: now)", "",
               "| before \\ now | " + " | ".join(str(i) for i in range(k)) + " |", "|---" * (k + 1) + "|"]
-    lines += [f"| {i} | " + " | ".join(str(x) for x in row) + " |" for i, row in enumerate(drift["migration"])]
+    lines += [f"| {i} | " + " | ".join(str(x) for x in row) + " |" for i, row in enumerate(d["migration"])]
     return "\n".join(lines) + "\n"
 
 

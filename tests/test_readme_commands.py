@@ -283,8 +283,9 @@ def test_every_readme_command_runs(tmp_path):
                 ws.start(args)
                 ran.append(("started", sub))
                 continue
-            # refresh: 0 no drift, 3 retraining advised (both documented next to the command).
-            ok = (0, 3) if sub == "segments refresh" else (0,)
+            # refresh: 0 no drift, 3 retraining advised, 4 insufficient data (documented next to the command;
+            # the demo data's window holds too few users for a verdict, so 4 is the likely answer).
+            ok = (0, 3, 4) if sub == "segments refresh" else (0,)
             proc = run_segrec(args, tmp_path, ok=ok)
             if args[0] == "recommend":
                 assert "segment" in proc.stdout and "rank" in proc.stdout, proc.stdout

@@ -71,7 +71,9 @@ def test_planted_drift_is_detected(world):
     assert _refresh(world, "drift", "ref_drift") == 3  # retraining advised
     out = world / "ref_drift"
     drift = json.loads((out / "v1" / "drift.json").read_text())
-    assert drift["retrain_advised"] and drift["verdict"].startswith("DRIFT: retraining advised")
+    assert drift["verdict"] == "retrain" and drift["retrain_advised"]
+    assert drift["verdict_text"].startswith("DRIFT: retraining advised")
+    assert drift["users_old"] == drift["users_new"] == drift["users_both"] == 240 and not drift["insufficient"]
     assert "DRIFT: retraining advised" in (out / "v1" / "drift.md").read_text()
 
     truth = pd.read_csv(world / "drift" / synthetic.DRIFT_TRUTH_FILE, dtype={"user_id": str})
@@ -95,7 +97,7 @@ def test_no_drift_no_flag_and_bad_input_is_counted(world):
     assert _refresh(world, "steady", "ref_steady", "--format", "jsonl,parquet") == 0
     out = world / "ref_steady"
     drift = json.loads((out / "v1" / "drift.json").read_text())
-    assert not drift["retrain_advised"] and drift["verdict"].startswith("no drift")
+    assert drift["verdict"] == "no_drift" and drift["verdict_text"].startswith("no drift")
     assert drift["moved_share"] < 0.2 and drift["psi_total"] < 0.1
     mig = np.array(drift["migration"])
     assert np.trace(mig) >= 0.8 * mig.sum()
@@ -146,6 +148,31 @@ def test_report_on_a_refresh(world):
     assert "Refresh verdict:** DRIFT" in md and "| agglomerative_ward |" in md and "| dbscan |" in md
 
 
+def test_too_few_users_is_insufficient_data(world, capsys):
+    """As a new user tries it: a 30-day window holds about 14 of the 240 users (29 in the one before), under the
+    default --min-window-users 200, so the big figures small samples give are no reason to retrain."""
+    from beam_pipelines import refresh
+
+    out = world / "ref_small"
+    code = cli.main(["segments", "refresh", "--input-dir", str(world / "steady"), "--model-dir", str(world / "models"),
+                     "--output-dir", str(out), "--as-of", str(AS_OF), "--window-days", "30"])
+    printed = capsys.readouterr().out
+    assert code == refresh.EXIT_INSUFFICIENT_DATA == 4
+    drift = json.loads((out / "v1" / "drift.json").read_text())
+    assert drift["verdict"] == "insufficient_data" and not drift["retrain_advised"]
+    assert drift["users_new"] < 200 and drift["min_window_users"] == 200
+    assert f"{drift['users_new']} users in the current window < 200 (--min-window-users)" in drift["reasons"]
+    assert not any(c["judged"] for c in drift["checks"].values())
+    assert "INSUFFICIENT DATA: no verdict" in printed and f"{drift['users_new']} users in the current window" in printed
+    md = (out / "v1" / "drift.md").read_text()
+    assert "**INSUFFICIENT DATA: no verdict" in md and "(exit status 4)" in md
+    assert f"| PSI, total | {drift['psi_total']:.4f} | 0.2 | {drift['users_old']} users before, {drift['users_new']} now" in md
+    # The files are written all the same; the segments document carries the verdict.
+    from trainer.segments import document
+
+    assert document.load(str(out / "segments.json"))["refresh"]["verdict"] == "insufficient_data"
+
+
 def test_bad_refresh_inputs(world, capsys):
     code = cli.main(["segments", "refresh", "--input-dir", str(world / "steady"), "--model-dir", str(world / "nowhere"),
                      "--output-dir", str(world / "bad")])
@@ -178,7 +205,8 @@ def test_users_the_model_rejects_are_dead_lettered_in_both_windows(tmp_path_fact
     code = cli.main(["segments", "refresh", "--input-dir", str(tiny_generated), "--model-dir", export_dir,
                      "--output-dir", str(out), "--as-of", str(as_of), "--window-days", "180",
                      "--min-segment-users", "3", "--max-batch-size", "16"])
-    assert code in (0, refresh.EXIT_DRIFT)  # a finished refresh either way; the verdict is not under test
+    # A finished refresh either way; the verdict is not under test (this tiny data is under the minimums).
+    assert code in (0, refresh.EXIT_DRIFT, refresh.EXIT_INSUFFICIENT_DATA)
     stats = json.loads((out / "v1" / "stats.json").read_text())
     users = stats["users"]
     assert users["balanced"] and stats["balanced"]

@@ -80,6 +80,12 @@ def test_report_renders_and_hides_small_segments(tmp_path):
     assert mig["segments"] == [0, 1, "hidden"]
     assert mig["counts"][1][0] == 10 and np.sum(mig["counts"]) == len(users) - 1
     assert "Changes since the previous segments" in md and "Largest migrations" in md
+    # Drift figures with the users behind them: PSI of smoothed counts over 76 users before and 76 now.
+    ch = js["changes"]
+    assert ch["users_old"] == ch["users_new"] == 76 and ch["psi_alpha"] == 0.5
+    assert ch["psi_noise"] == pytest.approx(2 * (1 / 76 + 1 / 76))
+    assert [s["status"] for s in ch["segments"]] == ["ok", "ok"]  # 50 -> 40 and 20 -> 30 hikers / cooks
+    assert "over 76 users before and 76 now" in md and "segment counts + 0.5 each" in md
     # HTML is self-contained: every figure embedded.
     assert html.count("data:image/png;base64,") == 4 and "<img" in html and "src=\"segment" not in html
     for png in ("segment_sizes.png", "segment_migration.png", "user_embeddings_2d.png"):

@@ -4,8 +4,11 @@ The command registry takes one name per command, so `segments` is one
 command whose first argument picks the action (an argparse subparser).
 Unknown flags go to Beam as PipelineOptions (only `refresh` runs Beam).
 
-Exit status of `refresh`: 0 no drift, 3 (beam_pipelines.refresh.EXIT_DRIFT)
-when the drift passes a threshold and retraining is advised, 2 bad input.
+Exit status of `refresh` (beam_pipelines.refresh.EXIT_CODES): 0 no drift;
+3 (EXIT_DRIFT) a drift figure resting on enough users passes its threshold
+and retraining is advised; 4 (EXIT_INSUFFICIENT_DATA) too few users to judge
+(a window under --min-window-users, or a check that could not be judged and
+none over its threshold); 2 bad input.
 """
 
 from __future__ import annotations
@@ -38,14 +41,26 @@ def _add_refresh_args(p: argparse.ArgumentParser) -> None:
                    "(default: the one beside the model)")
     m.add_argument("--previous-assignments", help="the last refresh's assignments-*.jsonl (glob allowed): old "
                    "segments per user; without it the previous window is embedded to get them")
-    m.add_argument("--min-segment-users", type=int, default=20,
-                   help="segments with fewer users are not profiled, and count as new/vanished (default 20)")
+    mins = sd.DriftMinimums()
+    m.add_argument("--min-segment-users", type=int, default=mins.segment_users,
+                   help="segments with fewer users are not profiled, and their centroid shift is not judged; a "
+                   "segment is new/vanished only when it crosses this size and the other "
+                   f"window is large enough to tell (default {mins.segment_users})")
     m.add_argument("--min-batch-size", type=int, help="RunInference's smallest batch (default: Beam's)")
     m.add_argument("--max-batch-size", type=int, default=256, help="RunInference's largest batch (default 256)")
 
+    e = p.add_argument_group("evidence: below these minimums the verdict is 'insufficient data' (exit status 4)")
+    e.add_argument("--min-window-users", type=int, default=mins.window_users,
+                   help="users each window needs (previous and current) for any verdict; with K segments, sampling "
+                   f"alone gives a PSI of about (K-1)(1/n_old + 1/n_new) (default {mins.window_users})")
+    e.add_argument("--min-compared-users", type=int, default=mins.compared_users,
+                   help="users present in both windows the moved share needs to count "
+                   f"(default {mins.compared_users})")
+
     d = sd.DriftThresholds()
-    t = p.add_argument_group("drift thresholds (any one advises retraining: exit status 3)")
-    t.add_argument("--psi-threshold", type=float, default=d.psi, help=f"total PSI above this (default {d.psi})")
+    t = p.add_argument_group("drift thresholds (any one, judged on enough users, advises retraining: exit status 3)")
+    t.add_argument("--psi-threshold", type=float, default=d.psi,
+                   help=f"total PSI above this; PSI of counts + {sd.PSI_ALPHA:g} per segment (default {d.psi})")
     t.add_argument("--moved-threshold", type=float, default=d.moved_share,
                    help=f"share of users in both windows that changed segment (default {d.moved_share})")
     t.add_argument("--shift-threshold", type=float, default=d.centroid_shift,
@@ -92,7 +107,9 @@ def _add_segments_args(p: argparse.ArgumentParser) -> None:
         "refresh", help="new centroids over a recent window, migration and drift report (Apache Beam)",
         description="Recompute user embeddings over a recent window with the exported model, update the centroids "
         "by mini-batch k-means from the current ones, reassign users, write a new versioned segments.json and a "
-        "drift report. Exit status 3 when retraining is advised. Unknown flags go to Beam as PipelineOptions."))
+        "drift report. Exit status: 0 no drift, 3 retraining advised, 4 insufficient data (too few users to judge; "
+        "see --min-window-users, --min-compared-users, --min-segment-users), 2 bad input. Unknown flags go to Beam "
+        "as PipelineOptions."))
     _add_report_args(sub.add_parser(
         "report", help="markdown + HTML report of a segments.json (sizes, profiles, changes, method comparison)"))
 
@@ -113,6 +130,8 @@ def refresh_config(args: argparse.Namespace):
         previous=args.previous,
         previous_assignments=args.previous_assignments,
         min_segment_users=args.min_segment_users,
+        min_window_users=args.min_window_users,
+        min_compared_users=args.min_compared_users,
         thresholds=sd.DriftThresholds(psi=args.psi_threshold, moved_share=args.moved_threshold,
                                       centroid_shift=args.shift_threshold, new_or_vanished=not args.ignore_new_vanished),
         kmeans=sd.KMeansSettings(iterations=args.kmeans_iterations, batch_fraction=args.batch_fraction,

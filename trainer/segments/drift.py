@@ -18,8 +18,10 @@ embeddings it computes.
   the mean of that many users, so a refresh follows the new window without
   forgetting the old one in a single step.
 - Assignment: max cosine (= argmax of the segment head's softmax(u C^T / tau)).
-- Drift: migration matrix, centroid shift, population stability index,
-  new / vanished segments, and a verdict against `DriftThresholds`.
+- Drift: migration matrix, centroid shift, population stability index (of
+  additively smoothed counts), new / vanished segments, and a verdict against
+  `DriftThresholds` that a figure counts towards only when it rests on enough
+  users (`DriftMinimums`): no_drift, retrain or insufficient_data.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-PSI_EPSILON = 1e-4  # share floor: an empty segment would make PSI infinite
+PSI_ALPHA = 0.5  # added to every segment's count before PSI's shares (Haldane-Anscombe): no empty segment
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -208,50 +210,120 @@ def centroid_shift(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     return 1.0 - np.sum(unit(old) * unit(new), axis=1)
 
 
-def shares(sizes: np.ndarray, epsilon: float = PSI_EPSILON) -> np.ndarray:
-    """Sizes -> shares, floored at epsilon and renormalised (PSI needs no zeros)."""
-    sizes = np.asarray(sizes, np.float64)
+def shares(sizes: np.ndarray, alpha: float = PSI_ALPHA) -> np.ndarray:
+    """Counts -> shares with additive smoothing: (n_k + alpha) / (N + K alpha).
+
+    alpha = 0 gives the raw shares (uniform when every count is 0).
+    """
+    if alpha < 0:
+        raise ValueError(f"smoothing alpha must be >= 0, got {alpha}")
+    sizes = np.asarray(sizes, np.float64) + alpha
     total = sizes.sum()
-    p = sizes / total if total > 0 else np.full(sizes.shape, 1.0 / max(sizes.size, 1))
-    p = np.maximum(p, epsilon)
-    return p / p.sum()
+    return sizes / total if total > 0 else np.full(sizes.shape, 1.0 / max(sizes.size, 1))
 
 
-def psi(old_sizes: np.ndarray, new_sizes: np.ndarray, epsilon: float = PSI_EPSILON) -> tuple[np.ndarray, float]:
-    """Population stability index per segment and in total.
+def psi(old_sizes: np.ndarray, new_sizes: np.ndarray, alpha: float = PSI_ALPHA) -> tuple[np.ndarray, float]:
+    """Population stability index per segment and in total, from smoothed counts.
 
-    PSI_k = (q_k - p_k) ln(q_k / p_k) with p the old shares, q the new ones
-    (both floored at `epsilon`). Every term is >= 0. Rule of thumb: < 0.1
-    stable, 0.1-0.2 moderate, > 0.2 a significant shift.
+    PSI_k = (q_k - p_k) ln(q_k / p_k) with p the old shares, q the new ones,
+    both `shares(counts, alpha)`: alpha is added to every segment's count
+    (0.5 by default, Haldane-Anscombe's correction for a log-ratio of
+    counts), so an empty segment gives a finite term that shrinks as the
+    windows grow, and small windows are pulled towards "no change" rather
+    than away from it. Every term is >= 0. Rule of thumb: < 0.1 stable,
+    0.1-0.2 moderate, > 0.2 a significant shift; see `psi_noise` for what
+    sampling alone gives.
     Returns ([K] per segment, total).
     """
     old_sizes, new_sizes = np.asarray(old_sizes), np.asarray(new_sizes)
     if old_sizes.shape != new_sizes.shape:
         raise ValueError(f"old sizes {old_sizes.shape} and new sizes {new_sizes.shape} differ in shape")
-    p, q = shares(old_sizes, epsilon), shares(new_sizes, epsilon)
+    if not alpha > 0:
+        raise ValueError(f"PSI needs a smoothing alpha > 0 (an empty segment would make it infinite), got {alpha}")
+    p, q = shares(old_sizes, alpha), shares(new_sizes, alpha)
     per = (q - p) * np.log(q / p)
     return per, float(per.sum())
 
 
+def psi_noise(users_old: int, users_new: int, k: int) -> Optional[float]:
+    """About the PSI that sampling alone gives when nothing changed: (K - 1)(1/n_old + 1/n_new).
+
+    PSI ~ sum_k (q_k - p_k)^2 / p_k for small differences, and two samples of
+    n_old and n_new users from the same shares pi have Var(q_k - p_k) =
+    pi_k (1 - pi_k)(1/n_old + 1/n_new); summed over K segments that is the
+    expectation above (a chi-square with K - 1 degrees of freedom, scaled).
+    None when a window is empty.
+    """
+    if users_old <= 0 or users_new <= 0:
+        return None
+    return (k - 1) * (1.0 / users_old + 1.0 / users_new)
+
+
+# Per-segment evidence (segment_evidence): whether a segment's own figures can be judged.
+OK, NEW, VANISHED, INSUFFICIENT = "ok", "new", "vanished", "insufficient"
+
+
+def segment_evidence(old_sizes: np.ndarray, new_sizes: np.ndarray, min_users: int) -> list[tuple[str, str]]:
+    """Per segment: (status, why), status one of OK / NEW / VANISHED / INSUFFICIENT.
+
+    With a = its users before, b = now, n_old / n_new the windows' users and
+    m = min_users:
+      OK            a >= m and b >= m: its centroid shift and share change rest on
+                    enough users.
+      VANISHED      a >= m > b, and the current window is large enough that the
+                    segment would still hold m users at its old share
+                    (a n_new / n_old >= m).
+      NEW           b >= m > a, and likewise b n_old / n_new >= m.
+      INSUFFICIENT  below m in both windows, or it crossed m only because the
+                    other window is too small to hold m users at its share
+                    (e.g. 30 users of 60 before, 8 of 16 now: 30 x 16 / 60 =
+                    8 < 20 expected, so falling under 20 says nothing).
+    """
+    a_all, b_all = np.asarray(old_sizes, np.int64), np.asarray(new_sizes, np.int64)
+    if a_all.shape != b_all.shape:
+        raise ValueError(f"old sizes {a_all.shape} and new sizes {b_all.shape} differ in shape")
+    n_old, n_new, m = int(a_all.sum()), int(b_all.sum()), int(min_users)
+    out = []
+    for a, b in zip(a_all.tolist(), b_all.tolist()):
+        if a >= m and b >= m:
+            out.append((OK, ""))
+        elif a >= m:  # fell under the minimum; n_old >= a >= m > 0
+            expected = a * n_new / n_old
+            if expected >= m:
+                out.append((VANISHED, f"{a} users before, {b} now (< {m}); {expected:.1f} expected now at its old share"))
+            else:
+                out.append((INSUFFICIENT, f"{a} users before, {b} now, but the current window ({n_new} users) would hold "
+                                          f"only {expected:.1f} at its old share (< {m}): too few users to tell"))
+        elif b >= m:  # grew past the minimum; n_new >= b >= m > 0
+            expected = b * n_old / n_new
+            if expected >= m:
+                out.append((NEW, f"{a} users before (< {m}), {b} now; {expected:.1f} expected before at its new share"))
+            else:
+                out.append((INSUFFICIENT, f"{a} users before, {b} now, but the previous window ({n_old} users) would "
+                                          f"hold only {expected:.1f} at its new share (< {m}): too few users to tell"))
+        else:
+            out.append((INSUFFICIENT, f"fewer than {m} users in both windows ({a} before, {b} now)"))
+    return out
+
+
 def appeared_vanished(old_sizes: np.ndarray, new_sizes: np.ndarray, min_size: int) -> tuple[list, list]:
-    """(new segments: below min_size before and at/above it now, vanished: the reverse)."""
-    old_sizes, new_sizes = np.asarray(old_sizes), np.asarray(new_sizes)
-    new = [int(k) for k in np.flatnonzero((old_sizes < min_size) & (new_sizes >= min_size))]
-    gone = [int(k) for k in np.flatnonzero((old_sizes >= min_size) & (new_sizes < min_size))]
-    return new, gone
+    """(new segments, vanished segments) as `segment_evidence` judges them."""
+    status = [s for s, _ in segment_evidence(old_sizes, new_sizes, min_size)]
+    return [k for k, s in enumerate(status) if s == NEW], [k for k, s in enumerate(status) if s == VANISHED]
 
 
 @dataclasses.dataclass(frozen=True)
 class DriftThresholds:
-    """When a refresh says "retraining advised" (any one suffices).
+    """When a refresh says "retraining advised" (any one suffices, on enough users: see `DriftMinimums`).
 
     psi: total PSI above it (0.2 is the usual "significant shift" line).
     moved_share: share of users present in both windows whose segment changed.
       Users near a boundary flip between windows even without drift, since
       their histories change; 0.3 sits above that noise on the synthetic data.
     centroid_shift: largest per-segment cosine distance between old and new
-      centroid (0.1 ~ 26 degrees).
-    new_or_vanished: a segment crossing the minimum size either way.
+      centroid (0.1 ~ 26 degrees), over segments with enough users in both windows.
+    new_or_vanished: a segment crossing the minimum size either way (where
+      the other window is large enough to tell, see `segment_evidence`).
     """
 
     psi: float = 0.2
@@ -265,34 +337,63 @@ class DriftThresholds:
                 raise ValueError(f"drift threshold {name} must be >= 0, got {getattr(self, name)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DriftMinimums:
+    """How many users a drift figure needs before it counts towards a verdict.
+
+    window_users (--min-window-users): users in each window (the previous
+      one's and the current one's). Below it in either window nothing is
+      judged and the verdict is INSUFFICIENT_DATA. 200: with K = 8 segments
+      sampling alone gives a PSI of about 7 x (1/200 + 1/200) = 0.07 (see
+      `psi_noise`), well under the 0.2 line; at the 47 and 60 users of a
+      30-day window on the demo data it is 0.27, over it.
+    compared_users (--min-compared-users): users present in both windows,
+      the moved share's denominator. 100: the standard error of a moved share
+      near 15% is then 0.036, so 0.3 is four of them away.
+    segment_users (--min-segment-users): users a segment needs in a window
+      for its own figures (centroid shift, new / vanished) to be judged (its
+      smoothed PSI term still adds to the total); the same floor below which
+      segments are never profiled.
+    """
+
+    window_users: int = 200
+    compared_users: int = 100
+    segment_users: int = 20
+
+    def __post_init__(self):
+        for name, flag in (("window_users", "--min-window-users"), ("compared_users", "--min-compared-users"),
+                           ("segment_users", "--min-segment-users")):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
+
+
+# Verdicts of a refresh (drift.json's "verdict"; the CLI's exit status 0, 3, 4).
+NO_DRIFT, RETRAIN, INSUFFICIENT_DATA = "no_drift", "retrain", "insufficient_data"
+VERDICTS = (NO_DRIFT, RETRAIN, INSUFFICIENT_DATA)
+
+
 def drift_report(
     old_centroids: np.ndarray,
     new_centroids: np.ndarray,
     old_labels: Mapping[str, int],
     new_labels: Mapping[str, int],
     *,
-    min_segment_users: int = 20,
+    minimums: DriftMinimums = DriftMinimums(),
     thresholds: DriftThresholds = DriftThresholds(),
 ) -> dict:
-    """Every drift figure of one refresh, as a JSON-able dict.
+    """Every drift figure of one refresh, as a JSON-able dict (see `summarize_drift`).
 
     Args:
       old_centroids / new_centroids: [K, d].
       old_labels: user -> segment in the previous window (old centroids);
       new_labels: user -> segment in the new window (new centroids).
-    Returns:
-      {"num_segments", "users_old", "users_new", "users_both", "users_moved",
-      "moved_share", "migration" [K][K], "sizes_old" [K], "sizes_new" [K],
-      "centroid_shift" [K], "max_centroid_shift", "psi" [K], "psi_total",
-      "new_segments", "vanished_segments", "thresholds", "reasons" (list of
-      str), "retrain_advised" (bool), "verdict" (one line)}.
     """
     k = _check_centroids(old_centroids).shape[0]
     sizes_old = np.bincount(np.fromiter(old_labels.values(), np.int64, len(old_labels)), minlength=k)[:k]
     sizes_new = np.bincount(np.fromiter(new_labels.values(), np.int64, len(new_labels)), minlength=k)[:k]
     mig = migration_matrix(old_labels, new_labels, k)
     return summarize_drift(old_centroids, new_centroids, mig, sizes_old, sizes_new,
-                           min_segment_users=min_segment_users, thresholds=thresholds)
+                           minimums=minimums, thresholds=thresholds)
 
 
 def summarize_drift(
@@ -302,43 +403,148 @@ def summarize_drift(
     sizes_old: np.ndarray,
     sizes_new: np.ndarray,
     *,
-    min_segment_users: int = 20,
+    minimums: DriftMinimums = DriftMinimums(),
     thresholds: DriftThresholds = DriftThresholds(),
 ) -> dict:
-    """`drift_report` from counts alone (what a pipeline can combine without holding users).
+    """Every drift figure, the counts behind each, and the verdict, from counts alone.
 
     migration: [K, K] old -> new counts over users in both windows;
     sizes_old / sizes_new: [K] users per segment in each window (all users of
-    that window, not only those in both).
+    that window, not only those in both). A pipeline combines these without
+    holding users.
+
+    Verdict:
+      INSUFFICIENT_DATA  a window has fewer than minimums.window_users users:
+                         nothing is judged, however large the figures;
+      RETRAIN            else any check that rests on enough users passes its
+                         threshold: PSI (both windows), moved share (at least
+                         minimums.compared_users users in both windows),
+                         centroid shift and new / vanished (segments with
+                         enough users, `segment_evidence`);
+      INSUFFICIENT_DATA  else if an enabled check could not be judged (too
+                         few users in both windows, or no segment with enough
+                         users in both);
+      NO_DRIFT           else.
+    Segments with too few users (INSUFFICIENT) never decide a verdict on
+    their own and never block NO_DRIFT; their figures are reported as such.
+
+    Returns {"verdict" (one of VERDICTS), "verdict_text" (one line),
+    "retrain_advised" (bool), "reasons" (why this verdict: the checks over
+    their thresholds, or the minimums not met, with their counts),
+    "insufficient" (every minimum not met, whatever the verdict), "checks"
+    {psi, moved_share, centroid_shift, new_or_vanished: value, threshold,
+    judged, exceeded and the counts behind}, "segments" [K] {id, users_old,
+    users_new, share_old, share_new, psi, centroid_shift, status, note},
+    "num_segments", "users_old", "users_new", "users_both", "users_moved",
+    "moved_share", "migration" [K][K], "sizes_old" [K], "sizes_new" [K],
+    "centroid_shift" [K], "max_centroid_shift" (over every segment), "psi"
+    [K], "psi_total", "psi_alpha", "psi_noise", "new_segments",
+    "vanished_segments", "min_window_users", "min_compared_users",
+    "min_segment_users", "thresholds"}.
     """
     mig = np.asarray(migration, np.int64)
     sizes_old, sizes_new = np.asarray(sizes_old, np.int64), np.asarray(sizes_new, np.int64)
     k = _check_centroids(old_centroids).shape[0]
     if mig.shape != (k, k) or sizes_old.shape != (k,) or sizes_new.shape != (k,):
         raise ValueError(f"migration {mig.shape} / sizes {sizes_old.shape}, {sizes_new.shape} do not match K={k}")
+    m = minimums
+    n_old, n_new = int(sizes_old.sum()), int(sizes_new.sum())
     both = int(mig.sum())
     moved = both - int(np.trace(mig))
     moved_share = moved / both if both else 0.0
     shift = centroid_shift(old_centroids, new_centroids)
     psi_per, psi_total = psi(sizes_old, sizes_new)
-    appeared, vanished = appeared_vanished(sizes_old, sizes_new, min_segment_users)
+    evidence = segment_evidence(sizes_old, sizes_new, m.segment_users)
+    status = [s for s, _ in evidence]
+    appeared = [i for i, s in enumerate(status) if s == NEW]
+    vanished = [i for i, s in enumerate(status) if s == VANISHED]
+    small = [i for i, s in enumerate(status) if s == INSUFFICIENT]
+    judged_segments = [i for i, s in enumerate(status) if s == OK]
 
-    reasons = []
-    if psi_total > thresholds.psi:
-        reasons.append(f"PSI {psi_total:.3f} > {thresholds.psi:g}")
-    if moved_share > thresholds.moved_share:
-        reasons.append(f"{moved_share:.1%} of users changed segment > {thresholds.moved_share:.0%}")
-    if shift.size and float(shift.max()) > thresholds.centroid_shift:
-        reasons.append(f"segment {int(shift.argmax())} centroid moved {float(shift.max()):.3f} > {thresholds.centroid_shift:g}")
-    if thresholds.new_or_vanished and (appeared or vanished):
-        reasons.append(f"new segments {appeared}, vanished {vanished}")
-    advised = bool(reasons)
-    verdict = ("DRIFT: retraining advised (" + "; ".join(reasons) + ")") if advised else (
-        f"no drift: PSI {psi_total:.3f}, {moved_share:.1%} moved, max centroid shift {float(shift.max()):.3f}")
+    # Every minimum not met: (what it leaves unjudged, why). "window": everything; "check": one check.
+    short = []
+    for name, n in (("previous", n_old), ("current", n_new)):
+        if n < m.window_users:
+            short.append(("window", f"{n} users in the {name} window < {m.window_users} (--min-window-users)"))
+    windows_ok = not short
+    if both < m.compared_users:
+        short.append(("check", f"{both} users in both windows < {m.compared_users} (--min-compared-users): "
+                               "moved share not judged"))
+    if not judged_segments:
+        short.append(("check", f"no segment has {m.segment_users} users in both windows (--min-segment-users): "
+                               "centroid shift not judged"))
+    if small:
+        short.append(("segment", f"segment{'s' if len(small) > 1 else ''} {', '.join(map(str, small))} under "
+                                 f"{m.segment_users} users "
+                                 "(--min-segment-users): figures not judged"))
+
+    shift_seg = max(judged_segments, key=lambda i: (shift[i], -i)) if judged_segments else None
+    checks = {
+        "psi": {"value": psi_total, "threshold": thresholds.psi, "users_old": n_old, "users_new": n_new,
+                "min_users": m.window_users, "judged": windows_ok,
+                "exceeded": windows_ok and psi_total > thresholds.psi},
+        "moved_share": {"value": moved_share, "threshold": thresholds.moved_share, "users_moved": moved,
+                        "users_both": both, "min_users": m.compared_users,
+                        "judged": windows_ok and both >= m.compared_users},
+        "centroid_shift": {"value": float(shift[shift_seg]) if shift_seg is not None else None,
+                           "threshold": thresholds.centroid_shift, "segment": shift_seg,
+                           "users_old": int(sizes_old[shift_seg]) if shift_seg is not None else None,
+                           "users_new": int(sizes_new[shift_seg]) if shift_seg is not None else None,
+                           "segments_judged": judged_segments, "min_users": m.segment_users,
+                           "judged": windows_ok and shift_seg is not None},
+        "new_or_vanished": {"enabled": thresholds.new_or_vanished, "new": appeared, "vanished": vanished,
+                            "insufficient_segments": small, "min_users": m.segment_users, "judged": windows_ok,
+                            "exceeded": windows_ok and thresholds.new_or_vanished and bool(appeared or vanished)},
+    }
+    mv, cs = checks["moved_share"], checks["centroid_shift"]
+    mv["exceeded"] = mv["judged"] and moved_share > thresholds.moved_share
+    cs["exceeded"] = cs["judged"] and cs["value"] > thresholds.centroid_shift
+
+    over = []
+    if checks["psi"]["exceeded"]:
+        over.append(f"PSI {psi_total:.3f} > {thresholds.psi:g} ({n_old} users before, {n_new} now)")
+    if mv["exceeded"]:
+        over.append(f"{moved} of {both} users in both windows changed segment "
+                    f"({moved_share:.1%} > {thresholds.moved_share:.0%})")
+    if cs["exceeded"]:
+        over.append(f"segment {shift_seg} centroid moved {cs['value']:.3f} > {thresholds.centroid_shift:g} "
+                    f"({cs['users_old']} users before, {cs['users_new']} now)")
+    if checks["new_or_vanished"]["exceeded"]:
+        over.append("; ".join([f"segment {i} new ({sizes_old[i]} users before, {sizes_new[i]} now)" for i in appeared]
+                              + [f"segment {i} vanished ({sizes_old[i]} users before, {sizes_new[i]} now)"
+                                 for i in vanished]))
+    enabled = [c for name, c in checks.items() if name != "new_or_vanished" or thresholds.new_or_vanished]
+    if not windows_ok:
+        verdict, reasons = INSUFFICIENT_DATA, [why for kind, why in short if kind == "window"]
+    elif over:
+        verdict, reasons = RETRAIN, over
+    elif not all(c["judged"] for c in enabled):
+        verdict, reasons = INSUFFICIENT_DATA, [why for kind, why in short if kind == "check"]
+    else:
+        verdict, reasons = NO_DRIFT, []
+    if verdict == RETRAIN:
+        text = "DRIFT: retraining advised (" + "; ".join(reasons) + ")"
+    elif verdict == INSUFFICIENT_DATA:
+        text = "INSUFFICIENT DATA: no verdict (" + "; ".join(reasons) + ")"
+    else:
+        text = (f"no drift: PSI {psi_total:.3f} ({n_old} users before, {n_new} now), {moved} of {both} users moved "
+                f"({moved_share:.1%}), max centroid shift {cs['value']:.3f} (segment {shift_seg})")
+    raw_old, raw_new = shares(sizes_old, 0.0), shares(sizes_new, 0.0)
+    segments = [{"id": i, "users_old": int(sizes_old[i]), "users_new": int(sizes_new[i]),
+                 "share_old": float(raw_old[i]) if n_old else 0.0, "share_new": float(raw_new[i]) if n_new else 0.0,
+                 "psi": float(psi_per[i]), "centroid_shift": float(shift[i]), "status": status[i], "note": note}
+                for i, (_, note) in enumerate(evidence)]
     return {
+        "verdict": verdict,
+        "verdict_text": text,
+        "retrain_advised": verdict == RETRAIN,
+        "reasons": reasons,
+        "insufficient": [why for _, why in short],
+        "checks": checks,
+        "segments": segments,
         "num_segments": k,
-        "users_old": int(sizes_old.sum()),
-        "users_new": int(sizes_new.sum()),
+        "users_old": n_old,
+        "users_new": n_new,
         "users_both": both,
         "users_moved": moved,
         "moved_share": moved_share,
@@ -349,13 +555,14 @@ def summarize_drift(
         "max_centroid_shift": float(shift.max()) if shift.size else 0.0,
         "psi": [float(x) for x in psi_per],
         "psi_total": psi_total,
+        "psi_alpha": PSI_ALPHA,
+        "psi_noise": psi_noise(n_old, n_new, k),
         "new_segments": appeared,
         "vanished_segments": vanished,
-        "min_segment_users": int(min_segment_users),
+        "min_window_users": m.window_users,
+        "min_compared_users": m.compared_users,
+        "min_segment_users": m.segment_users,
         "thresholds": dataclasses.asdict(thresholds),
-        "reasons": reasons,
-        "retrain_advised": advised,
-        "verdict": verdict,
     }
 
 

@@ -212,8 +212,8 @@ def write_report(
                           f"{doc.get('num_users', '?')} users. Segments with fewer than {min_segment_users} users are "
                           f"not shown: {n_hidden} small segment{'s' if n_hidden != 1 else ''} hidden.")]
     refresh = doc.get("refresh") or {}
-    if refresh.get("verdict"):
-        blocks.append(("p", f"**Refresh verdict:** {refresh['verdict']}"))
+    if refresh.get("verdict"):  # verdict_text since refreshes could answer "insufficient data"; older: verdict
+        blocks.append(("p", f"**Refresh verdict:** {refresh.get('verdict_text') or refresh['verdict']}"))
 
     # Segments table.
     rows = []
@@ -327,18 +327,29 @@ def _changes(doc, prev, segs, shown, min_users, payload) -> list:
     new_sizes = np.array([segs[i]["size"] for i in ids])
     psi_per, psi_total = drift.psi(old_sizes, new_sizes)
     shift = drift.centroid_shift(document.centroids(prev), document.centroids(doc))
-    appeared, vanished = drift.appeared_vanished(old_sizes, new_sizes, min_users)
+    evidence = drift.segment_evidence(old_sizes, new_sizes, min_users)
+    appeared = [i for i, (st, _) in enumerate(evidence) if st == drift.NEW]
+    vanished = [i for i, (st, _) in enumerate(evidence) if st == drift.VANISHED]
     old_share, new_share = drift.shares(old_sizes, 0.0), drift.shares(new_sizes, 0.0)
+    n_old, n_new = int(old_sizes.sum()), int(new_sizes.sum())
+    noise = drift.psi_noise(n_old, n_new, len(ids))
     rows = []
     for i in shown:
-        status = "new" if i in appeared else ("label changed" if psegs[i].get("label") != segs[i].get("label") else "")
+        st = evidence[i][0]
+        # Shown segments have min_users now; one still under it before has no judged shift, and is not "new" unless the windows can tell.
+        status = {drift.NEW: "new", drift.INSUFFICIENT: f"too few users before to judge (<{min_users})"}.get(st) or (
+            "label changed" if psegs[i].get("label") != segs[i].get("label") else "")
         rows.append([i, segs[i].get("label", ""), psegs[i]["size"] if psegs[i]["size"] >= min_users else f"<{min_users}",
                      segs[i]["size"], f"{100 * (new_share[i] - old_share[i]):+.1f} pp", psi_per[i], shift[i], status or "–"])
-    payload["changes"] = {"psi_total": psi_total, "new_segments": appeared, "vanished_segments": vanished,
-                          "segments": [{"id": r[0], "psi": r[5], "centroid_shift": r[6]} for r in rows]}
-    text = (f"Since `{payload['previous_path']}`: total PSI {psi_total:.3f} (< 0.1 stable, 0.1-0.2 moderate, > 0.2 "
-            f"significant); {len(appeared)} segment(s) grew past {min_users} users, {len(vanished)} fell below "
-            "(vanished segments are not shown).")
+    payload["changes"] = {"psi_total": psi_total, "psi_alpha": drift.PSI_ALPHA, "psi_noise": noise,
+                          "users_old": n_old, "users_new": n_new, "new_segments": appeared, "vanished_segments": vanished,
+                          "segments": [{"id": r[0], "psi": r[5], "centroid_shift": r[6], "status": evidence[r[0]][0]}
+                                       for r in rows]}
+    text = (f"Since `{payload['previous_path']}`: total PSI {psi_total:.3f} over {n_old} users before and {n_new} now "
+            f"(< 0.1 stable, 0.1-0.2 moderate, > 0.2 significant; segment counts + {drift.PSI_ALPHA:g} each"
+            + (f"; sampling alone gives about {noise:.3f} with this many users" if noise is not None else "")
+            + f"); {len(appeared)} segment(s) grew past {min_users} users, {len(vanished)} fell below "
+            "where the windows were large enough to tell (vanished segments are not shown).")
     return [("h2", "Changes since the previous segments"), ("p", text),
             ("table", ["Id", "Label", "Users before", "Users now", "Share change", "PSI", "Centroid shift (1-cos)", "Status"],
              rows)]
