@@ -92,3 +92,102 @@ def test_pretrained_minilm_ranks_paraphrase_above_unrelated():
     ])).numpy()
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+
+
+# --- length-aware padding ---------------------------------------------------------
+WORDS = ("loves hiking and camping in the mountains plays guitar cooks dinner for the family reads science "
+         "fiction collects vintage vinyl records builds furniture").split()
+
+
+def _texts_of_many_lengths(max_words: int = 80) -> list:
+    """"" and texts of 1..max_words words (some longer than the encoder's sequence_length)."""
+    return [""] + [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(n)) for i, n in
+                   enumerate((1, 2, 3, 5, 6, 9, 13, 14, 20, 29, 31, 40, 57, 80)) if n <= max_words]
+
+
+def _fixed_twin(enc: TextEncoder) -> TextEncoder:
+    """The same encoder padding every batch to sequence_length (the old path)."""
+    fixed = TextEncoder.from_config({**enc.get_config(), "pad_to_max": True})
+    fixed.set_weights(enc.get_weights())
+    return fixed
+
+
+def _tiny_long(seq: int = 64) -> TextEncoder:
+    return TextEncoder.tiny(TEXTS + [" ".join(WORDS)] * 3, vocab_size=120, hidden=16, sequence_length=seq, seed=0)
+
+
+def test_bucket_widths_and_the_width_of_each_length():
+    from trainer.model import padding
+
+    assert padding.bucket_widths(128) == (8, 16, 32, 64, 128)
+    assert padding.bucket_widths(100) == (8, 16, 32, 64, 100)
+    assert padding.bucket_widths(8) == (8,) and padding.bucket_widths(5) == (5,)
+    widths = padding.bucket_widths(128)
+    mask = np.zeros((1, 128), bool)
+    for length in range(0, 129):
+        mask[:] = False
+        mask[0, :length] = True
+        ids, m = padding.trim(tf.zeros([1, 128], tf.int32), tf.constant(mask), widths)
+        want = padding.bucket_for(length, widths)
+        assert ids.shape == (1, want) and m.shape == (1, want) and int(m.numpy().sum()) == length
+        assert want >= length and (length <= 8 or want < 2 * length)
+    empty = padding.trim(tf.zeros([0, 128], tf.int32), tf.zeros([0, 128], tf.bool), widths)[0]
+    assert empty.shape == (0, 8)
+
+
+def test_length_aware_padding_equals_fixed_padding_on_many_lengths():
+    enc = _tiny_long()
+    fixed = _fixed_twin(enc)
+    texts = _texts_of_many_lengths()
+    widths = {int(enc.tokenize(tf.constant([t]))[0].shape[1]) for t in texts}
+    assert widths == set(enc.bucket_widths)  # the lengths cover every bucket, and only buckets occur
+    assert fixed.tokenize(tf.constant(texts[:1]))[0].shape[1] == 64
+    for t in texts:  # one text per batch: the narrowest widths
+        np.testing.assert_allclose(enc(tf.constant([t])).numpy(), fixed(tf.constant([t])).numpy(), atol=1e-5)
+    np.testing.assert_allclose(enc(tf.constant(texts)).numpy(), fixed(tf.constant(texts)).numpy(), atol=1e-5)
+
+
+def test_a_batch_mixing_short_and_long_texts_answers_each_row_as_if_alone():
+    enc = _tiny_long()
+    texts = _texts_of_many_lengths()
+    rng = np.random.default_rng(0)
+    mixed = [texts[i] for i in rng.permutation(len(texts))]
+    together = enc(tf.constant(mixed)).numpy()
+    for i, t in enumerate(mixed):
+        np.testing.assert_allclose(together[i], enc(tf.constant([t])).numpy()[0], atol=1e-5)
+    # encode() batches by length and puts rows back in input order.
+    np.testing.assert_allclose(enc.encode(mixed, batch_size=4), together, atol=1e-5)
+
+
+def test_one_trace_serves_every_width():
+    enc = _tiny_long()
+    traces = []
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def embed(texts):
+        traces.append(1)
+        return enc(texts)
+
+    for t in _texts_of_many_lengths():
+        embed(tf.constant([t, t[: len(t) // 2]]))
+    assert len(traces) == 1
+    assert embed.get_concrete_function().structured_outputs.shape.as_list() == [None, 16]
+
+
+def test_padding_mode_round_trips_in_the_config():
+    enc = _tiny_long()
+    assert enc.get_config()["pad_to_max"] is False
+    assert TextEncoder.from_config(_fixed_twin(enc).get_config()).pad_to_max is True
+
+
+@pytest.mark.pretrained
+def test_pretrained_minilm_length_aware_equals_fixed_padding():
+    enc = TextEncoder.pretrained(sequence_length=128)
+    fixed = _fixed_twin(enc)
+    texts = _texts_of_many_lengths() + [
+        "user: age 24, gender m, occupation technician, zip 85711. recent: Toy Story (1995); GoldenEye (1995); "
+        "Four Rooms (1995); Get Shorty (1995); Copycat (1995).", " ".join(WORDS * 8)]
+    for t in texts[::2]:
+        np.testing.assert_allclose(enc(tf.constant([t])).numpy(), fixed(tf.constant([t])).numpy(), atol=1e-5)
+    np.testing.assert_allclose(enc(tf.constant(texts[:-1])).numpy(), fixed(tf.constant(texts[:-1])).numpy(),
+                               atol=1e-5)

@@ -1,0 +1,60 @@
+"""Length-aware padding of packed token batches.
+
+The encoder packs every text as [CLS] ... [SEP] [PAD]... to its
+`sequence_length` S, but a batch only needs as many columns as its longest
+row: the BERT backbone masks padded keys out of attention and the mean pool
+masks them out of the average, so cutting all-padding columns changes nothing
+but the cost (the transformer's work grows with the number of columns, its
+attention with their square). A MovieLens profile with five recent titles is
+~50 tokens, so a batch of them needs 64 columns, not 128.
+
+The width is rounded up to a bucket (8, 16, 32, 64, ..., S) rather than the
+exact longest row, so the backbone sees only ~log2(S) distinct shapes: oneDNN
+and XLA cache their kernels per shape, and a traced function with static
+widths (a TF Serving warm-up, a `tf.function` keyed on shapes) stays bounded.
+
+`bucket_widths(S)` lists the widths; `trim(token_ids, padding_mask, widths)`
+cuts a packed [B, S] batch to [B, W] in the graph (one trace for every W: W is
+a tensor, the column dim is None).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
+
+MIN_BUCKET = 8
+
+
+def bucket_widths(sequence_length: int, min_bucket: int = MIN_BUCKET) -> tuple:
+    """Padded widths a batch may take: powers of two from `min_bucket` below
+    `sequence_length`, then `sequence_length` itself (e.g. 128 -> 8, 16, 32, 64, 128)."""
+    if sequence_length < 1:
+        raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+    widths, w = [], min_bucket
+    while w < sequence_length:
+        widths.append(w)
+        w *= 2
+    return tuple(widths) + (int(sequence_length),)
+
+
+def bucket_for(length: int, widths: tuple) -> int:
+    """The smallest width >= `length` (the last width when none is): the
+    Python twin of `trim`'s rule, for clients that pad token ids themselves."""
+    return next((w for w in widths if w >= length), widths[-1])
+
+
+def trim(token_ids: tf.Tensor, padding_mask: tf.Tensor, widths: tuple) -> tuple:
+    """Packed token_ids [B, S] int32 and padding_mask [B, S] bool -> both
+    [B, W], W = the smallest of `widths` that holds the batch's longest row.
+
+    Columns W..S-1 hold padding in every row, so the cut never drops a token.
+    """
+    # An empty batch's max is INT_MIN, which picks the smallest width.
+    longest = tf.reduce_max(tf.reduce_sum(tf.cast(padding_mask, tf.int32), axis=1))
+    table = tf.constant(widths, tf.int32)
+    # Index of the first width >= longest (clamped to the last: packing already truncated rows to S).
+    slot = tf.minimum(tf.reduce_sum(tf.cast(table < longest, tf.int32)), len(widths) - 1)
+    width = table[slot]
+    return token_ids[:, :width], padding_mask[:, :width]
