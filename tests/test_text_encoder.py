@@ -191,3 +191,38 @@ def test_pretrained_minilm_length_aware_equals_fixed_padding():
         np.testing.assert_allclose(enc(tf.constant([t])).numpy(), fixed(tf.constant([t])).numpy(), atol=1e-5)
     np.testing.assert_allclose(enc(tf.constant(texts[:-1])).numpy(), fixed(tf.constant(texts[:-1])).numpy(),
                                atol=1e-5)
+
+
+# --- client-side token ids (token-id exports) ------------------------------------------------------
+def _client_tokens(enc: TextEncoder, fixed_width: bool):
+    from trainer.model.token_ids import TokenIds
+
+    return TokenIds(enc.tokenizer.get_vocabulary(), enc.tokenizer.lowercase, enc.sequence_length,
+                    fixed_width=fixed_width)
+
+
+def test_client_token_ids_reproduce_the_encoder():
+    enc = _tiny_long()
+    texts = _texts_of_many_lengths()
+    want = enc(tf.constant(texts)).numpy()
+    enc_ids, enc_mask = enc.tokenize(tf.constant(texts))
+    for fixed in (True, False):
+        ids, mask = _client_tokens(enc, fixed)(texts)
+        assert ids.dtype == mask.dtype == np.int32
+        assert ids.shape[1] == (64 if fixed else enc_ids.shape[1])
+        np.testing.assert_array_equal(ids[:, : enc_ids.shape[1]], enc_ids.numpy())
+        np.testing.assert_array_equal(mask[:, : enc_ids.shape[1]], enc_mask.numpy())
+        # Whatever width the client pads to, the encoder trims to the bucket and answers alike.
+        np.testing.assert_allclose(enc.embed_token_ids(ids, mask).numpy(), want, atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="at most 64 tokens"):
+        enc.embed_token_ids(tf.zeros([1, 65], tf.int32), tf.ones([1, 65], tf.int32))
+
+
+@pytest.mark.pretrained
+def test_client_token_ids_reproduce_minilm_tokenisation():
+    enc = TextEncoder.pretrained(sequence_length=128)
+    texts = _texts_of_many_lengths() + ["Ünïcode, CAPITALS & punctuation!? e-mail: a.b@c.de — 3.14"]
+    ids, mask = _client_tokens(enc, fixed_width=False)(texts)
+    enc_ids, enc_mask = enc.tokenize(tf.constant(texts))
+    np.testing.assert_array_equal(ids, enc_ids.numpy())
+    np.testing.assert_array_equal(mask, enc_mask.numpy())

@@ -11,6 +11,7 @@ MODEL_NAME = "segrec"  # the model's dir under a TF Serving model base path
 SAVED_MODEL = "saved_model.pb"
 EXPORT_INFO = "export.json"  # the export's defaults (k, beta, k_max, index...), machine-readable
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+VOCAB_FILE = "assets.extra/vocab.txt"  # token-id exports: the WordPiece vocabulary clients tokenise with
 
 # Signature names of the SavedModel.
 SERVING_DEFAULT = "serving_default"  # user_text, history_item_ids, k [B], beta [B] -> top-k + segment
@@ -18,6 +19,9 @@ RECOMMEND_DEFAULTS = "recommend_defaults"  # the same with the export's k and be
 SERVING_TF_EXAMPLE = "serving_tf_example"  # serialized tf.Example -> as recommend_defaults
 USER_EMBEDDING = "user_embedding"  # user_text, history_item_ids -> embedding, segment
 SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, SERVING_TF_EXAMPLE, USER_EMBEDDING)
+# Token-id exports (--text-input token_ids) take input_ids/padding_mask for user_text and have no
+# serving_tf_example (its examples carry text).
+TOKEN_ID_SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, USER_EMBEDDING)
 
 # --- Files shared by a run dir and an export version dir ---------------------
 SEGMENTS_FILE = "segments.json"  # trainer/segments/document.py reads and writes it

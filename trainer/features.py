@@ -93,4 +93,9 @@ def item_feature_spec() -> dict:
 # TextCache (frozen encoder), so the model reads the cached pooled text vector
 # instead of running BERT on USER_TEXT. QUERY is a SegRecModel output.
 USER_TEXT_VECTOR = "user_text_vector"  # [B, hidden] float32, cached pooled text
+# user_text already tokenised (exports with --text-input token_ids: the client
+# tokenises, the server needs no text ops): [B, T] int32 each, T <= the
+# encoder's sequence_length; [CLS] ... [SEP] then padding (mask 0).
+INPUT_IDS = "input_ids"
+PADDING_MASK = "padding_mask"
 QUERY = "query"  # [B, d] float32, segment-aware query normalise(u + beta * c)

@@ -46,12 +46,14 @@ def bucket_for(length: int, widths: tuple) -> int:
 
 
 def trim(token_ids: tf.Tensor, padding_mask: tf.Tensor, widths: tuple) -> tuple:
-    """Packed token_ids [B, S] int32 and padding_mask [B, S] bool -> both
-    [B, W], W = the smallest of `widths` that holds the batch's longest row.
+    """Packed token_ids [B, S] int32 and padding_mask [B, S] (bool or 0/1) ->
+    token_ids [B, W], padding_mask [B, W] bool, W = the smallest of `widths`
+    that holds the batch's longest row (at most S: a narrower batch stays as is).
 
     Columns W..S-1 hold padding in every row, so the cut never drops a token.
     """
     # An empty batch's max is INT_MIN, which picks the smallest width.
+    padding_mask = tf.cast(padding_mask, tf.bool)
     longest = tf.reduce_max(tf.reduce_sum(tf.cast(padding_mask, tf.int32), axis=1))
     table = tf.constant(widths, tf.int32)
     # Index of the first width >= longest (clamped to the last: packing already truncated rows to S).

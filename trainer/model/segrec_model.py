@@ -276,6 +276,10 @@ class SegRecModel(keras.Model):
     # --- forward ---------------------------------------------------------------
     def text_vectors(self, batch: dict, training=None) -> tf.Tensor:
         """Pooled user-text vectors [B, text_input_dim] float32."""
+        if features.INPUT_IDS in batch:  # tokenised by the client (token-id exports)
+            return self.text_encoder.embed_token_ids(
+                batch[features.INPUT_IDS], batch[features.PADDING_MASK], training=training
+            )
         if self.finetune_layers > 0:
             return self.text_encoder(batch[features.USER_TEXT], training=training)
         if features.USER_TEXT_VECTOR in batch:
@@ -387,6 +391,19 @@ class SegRecModel(keras.Model):
         if self.text_encoder is not None:
             clone.text_encoder.set_weights(self.text_encoder.get_weights())
         clone.sampling_probability.assign(self.sampling_probability)
+        return clone
+
+    def with_text_encoder(self, encoder: TextEncoder) -> "SegRecModel":
+        """A copy that reads user_text through `encoder` (e.g. a quantised copy
+        of this model's, for export) and shares nothing else: towers, segment
+        head and logQ table hold copies of this model's weights."""
+        config = self.get_config()
+        config["text_encoder"] = encoder
+        clone = type(self).from_config(config)
+        for part in ("item_tower", "user_tower", "segment_head"):
+            getattr(clone, part).set_weights(getattr(self, part).get_weights())
+        clone.sampling_probability.assign(self.sampling_probability)
+        clone.cluster_weight.assign(self.cluster_weight)
         return clone
 
     def get_config(self):

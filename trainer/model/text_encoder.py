@@ -264,6 +264,22 @@ class TextEncoder(keras.layers.Layer):
         )
         return tf.math.l2_normalize(pooled, axis=-1)
 
+    def embed_token_ids(self, token_ids, padding_mask, training=None):
+        """Token ids tokenised elsewhere (a client of a token-id export):
+        token_ids, padding_mask [B, T] int, T <= sequence_length, padded to
+        any width -> [B, hidden]. Trimmed to the longest row's bucket first,
+        so a client may pad to a fixed width (TF Serving batches only equal
+        widths) and still pay for its real length."""
+        check = tf.debugging.assert_less_equal(
+            tf.shape(token_ids)[1], self.sequence_length,
+            message=f"inputs.input_ids: at most {self.sequence_length} tokens per row",
+        )
+        with tf.control_dependencies([check]):
+            token_ids = tf.identity(token_ids)
+        if not self.pad_to_max:
+            token_ids, padding_mask = padding.trim(token_ids, padding_mask, self.bucket_widths)
+        return self.embed_tokens(token_ids, padding_mask, training=training)
+
     def call(self, texts, training=None):
         """texts [B] string -> [B, hidden] float32, unit norm."""
         token_ids, padding_mask = self.tokenize(texts)
