@@ -14,6 +14,12 @@ rejects the field, and the client then goes without labels, "segment <id>").
 beta=None means the model's default: the client's `default_beta`, else the
 default the server publishes, else the export's `recommend_defaults`
 signature (its k must be >= the k asked for).
+
+Token-id exports (`segrec export --text-input token_ids`, for servers
+without tensorflow_text's ops) take input_ids / padding_mask instead of
+user_text: give the client `token_ids=TokenIds.from_export(version_dir)`
+(trainer/model/token_ids.py: the export's own vocabulary and tokenisation)
+and it tokenises each user_text before sending it.
 """
 
 from __future__ import annotations
@@ -70,13 +76,14 @@ class RecommenderClient:
       token: sent as `authorization: Bearer <token>`.
       segments_path: a segments.json to label segments from; titles: item_id -> title.
       default_beta: beta when recommend() gets None (None = the model's default).
+      token_ids: a trainer.model.token_ids.TokenIds for token-id exports (None: send user_text).
     """
 
     def __init__(self, target: str, timeout: float = 5.0, retries: int = 3, backoff: float = 0.1,
                  model_name: str = "segrec", tls: bool = False, root_certificates: Optional[bytes] = None,
                  token: Optional[str] = None, segments_path: Optional[str] = None,
                  titles: Optional[Mapping[str, str]] = None, default_beta: Optional[float] = None,
-                 max_message_bytes: int = 64 * 1024 * 1024):
+                 max_message_bytes: int = 64 * 1024 * 1024, token_ids=None):
         from tensorflow_serving.apis import prediction_service_pb2_grpc
 
         options = [("grpc.max_send_message_length", max_message_bytes),
@@ -91,6 +98,7 @@ class RecommenderClient:
         self.model_name = model_name
         self.titles = dict(titles or {})
         self.default_beta = default_beta
+        self.token_ids = token_ids
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._file_labels = _labels_from_file(segments_path) if segments_path else None
         self._server_info: dict = {}  # version -> the server's "segrec" metadata ({} when unsupported)
@@ -116,8 +124,13 @@ class RecommenderClient:
         hist = np.array([list(h) + [features.PAD_ITEM_ID] * (width - len(h)) for _, h in users], dtype=object)
         request = predict_pb2.PredictRequest()
         _set_spec(request.model_spec, self.model_name, version_label, version)
-        request.inputs[features.USER_TEXT].CopyFrom(
-            tf.make_tensor_proto(np.array([t for t, _ in users], dtype=object)))
+        texts = [t for t, _ in users]
+        if self.token_ids is not None:
+            ids, mask = self.token_ids(texts)
+            request.inputs[features.INPUT_IDS].CopyFrom(tf.make_tensor_proto(ids))
+            request.inputs[features.PADDING_MASK].CopyFrom(tf.make_tensor_proto(mask))
+        else:
+            request.inputs[features.USER_TEXT].CopyFrom(tf.make_tensor_proto(np.array(texts, dtype=object)))
         request.inputs[features.HISTORY_ITEM_IDS].CopyFrom(tf.make_tensor_proto(hist))
         truncate = None
         if beta is None:  # no published default: the export's own defaults signature

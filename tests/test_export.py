@@ -349,3 +349,144 @@ def test_saved_model_cli_lists_the_signatures(exports):
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("serving_default", "recommend_defaults", "serving_tf_example", "user_embedding"):
         assert f"signature_def['{name}']" in out.stdout
+
+
+# --- quantised encoder, ops a server needs, token-id exports ------------------------------------
+_RELOAD = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+from serving.export import layout
+args = json.loads(sys.argv[1])
+fn = layout.load_exported(args["dir"]).signatures["user_embedding"]
+out = fn(user_text=tf.constant(args["texts"]), history_item_ids=tf.constant(args["history"]))
+print(json.dumps({"embedding": out["embedding"].numpy().tolist(), "info": layout.read_export_info(args["dir"])}))
+"""
+
+
+@pytest.fixture(scope="module")
+def int8_export(trained, tmp_path_factory):
+    from serving.export import exporter as ex
+
+    base = tmp_path_factory.mktemp("int8")
+    return ex.export(ex.ExportConfig(run_dir=str(trained), base_path=str(base), index="brute_force",
+                                     encoder_precision="int8", target="tf-serving-stock"))
+
+
+@slow
+def test_int8_export_reloads_in_a_fresh_process_and_passes_the_overlap_check(int8_export, reference):
+    """The saved int8 encoder answers in a new process as the in-memory quantised model does."""
+    from serving.export import quantize
+
+    run, _, batch = reference
+    texts = [t.decode() for t in batch[F.USER_TEXT].numpy()]
+    history = [[h.decode() for h in row] for row in batch[F.HISTORY_ITEM_IDS].numpy()]
+    args = json.dumps({"dir": int8_export.version_dir, "texts": texts, "history": history})
+    out = subprocess.run([sys.executable, "-c", _RELOAD, args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    quantised = quantize.model_with_precision(run.model, "int8")
+    want = quantised({F.USER_TEXT: batch[F.USER_TEXT], F.HISTORY_ITEM_IDS: batch[F.HISTORY_ITEM_IDS]},
+                     training=False)[F.EMBEDDING].numpy()
+    np.testing.assert_allclose(np.array(got["embedding"]), want, atol=1e-5)
+    info = got["info"]
+    assert info["encoder_precision"] == "int8"
+    quality = info["encoder_quality"]
+    assert quality["overlap_at_10"] >= 0.95 and quality["queries"] > 0
+    assert quality["encoder_bytes"] < 0.5 * quality["encoder_bytes_float32"]
+    assert set(quality["recall"]) == set(quality["recall_float32"]) == {"recall_at_10", "recall_at_50"}
+    card = (int8_export.version_dir and open(int8_export.version_dir + "/model_card.md").read())
+    assert "Precision: int8" in card and "Top-10 overlap with float32" in card
+
+
+@slow
+def test_an_export_failing_the_overlap_check_is_not_published(trained, tmp_path, capsys, monkeypatch):
+    """A quantisation that loses the ranking (stood in for by a re-seeded random encoder: the tiny
+    model's real int8 copy keeps its top-10) is measured, rejected with exit 2, and not published."""
+    from serving.export import quantize
+    from trainer.model.text_encoder import TextEncoder
+
+    def lossy(encoder, precision):
+        return TextEncoder.from_config(dict(encoder.get_config(), seed=(encoder.seed or 0) + 1))
+
+    monkeypatch.setattr(quantize, "encoder_with_precision", lossy)
+    code = cli.main(["export", "--run-dir", str(trained), "--base-path", str(tmp_path), "--index", "brute_force",
+                     "--encoder-precision", "int8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "below --min-overlap 0.95" in err and "nothing was published" in err, err
+    assert not (tmp_path / "segrec").exists() or not list((tmp_path / "segrec").iterdir())
+
+
+@slow
+def test_non_core_ops_are_read_from_the_graph_into_card_and_export_json(exports, int8_export):
+    from serving.export import graph_ops
+
+    text_ops = ["CaseFoldUTF8", "FastWordpieceTokenizeWithOffsets", "RegexSplitWithOffsets"]
+    want = {"brute_force": text_ops, "scann": text_ops + ["Scann>ScannSearchBatched", "Scann>TensorsToScann"]}
+    for kind, ops in want.items():
+        vdir = exports[kind].version_dir
+        assert graph_ops.non_core_ops(vdir) == ops
+        info = layout.read_export_info(vdir)
+        assert info["non_core_ops"] == ops and info["target"] == "segrec-serve"
+        card = open(vdir + "/model_card.md").read()
+        assert all(f"`{op}`" in card for op in ops) and "Checked against --target segrec-serve: passed" in card
+    # The int8 encoder adds no op outside core TensorFlow (it was checked for stock TF Serving).
+    assert layout.read_export_info(int8_export.version_dir)["non_core_ops"] == text_ops
+
+
+@slow
+def test_a_target_lacking_an_op_fails_naming_it_and_publishes_nothing(trained, tmp_path, capsys):
+    code = cli.main(["export", "--run-dir", str(trained), "--base-path", str(tmp_path), "--index", "scann",
+                     "--target", "tf-serving-stock"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Scann>ScannSearchBatched (ScaNN)" in err and "Scann>TensorsToScann (ScaNN)" in err
+    assert "--index brute_force" in err
+    assert not list((tmp_path / "segrec").iterdir())  # neither the version nor its temp dir
+
+
+_PLAIN_TF = """
+import json, sys
+import tensorflow as tf  # no tensorflow_text, no ScaNN: what a server without their ops has
+args = json.loads(sys.argv[1])
+fn = tf.saved_model.load(args["dir"]).signatures["serving_default"]
+out = fn(input_ids=tf.constant(args["ids"], tf.int32), padding_mask=tf.constant(args["mask"], tf.int32),
+         history_item_ids=tf.constant(args["history"]), k=tf.constant(args["k"], tf.int32),
+         beta=tf.constant(args["beta"], tf.float32))
+assert "tensorflow_text" not in sys.modules and "scann" not in sys.modules
+print(json.dumps({"ids": [[x.decode() for x in r] for r in out["item_ids"].numpy()],
+                  "scores": out["scores"].numpy().tolist()}))
+"""
+
+
+@slow
+def test_token_id_export_needs_no_text_ops_and_answers_as_the_text_export(trained, exports, reference, tmp_path):
+    from serving.export import exporter as ex
+    from trainer.model.token_ids import TokenIds
+
+    run, _, batch = reference
+    summary = ex.export(ex.ExportConfig(run_dir=str(trained), base_path=str(tmp_path), index="brute_force",
+                                        text_input="token_ids", target="tf-serving-stock"))
+    vdir = summary.version_dir
+    info = layout.read_export_info(vdir)
+    assert info["non_core_ops"] == [] and info["text_input"] == "token_ids"
+    assert set(info["signatures"]) == {"serving_default", "recommend_defaults", "user_embedding"}
+    texts = [t.decode() for t in batch[F.USER_TEXT].numpy()]
+    tokens = TokenIds.from_export(vdir)
+    ids, mask = tokens(texts)
+    # The client's ids are the encoder's own (fixed width S; the graph trims to the bucket).
+    enc_ids, enc_mask = run.model.text_encoder.tokenize(batch[F.USER_TEXT])
+    width = enc_ids.shape[1]
+    assert ids.shape[1] == run.model.text_encoder.sequence_length and not mask[:, width:].any()
+    np.testing.assert_array_equal(ids[:, :width], enc_ids.numpy())
+    np.testing.assert_array_equal(mask[:, :width], enc_mask.numpy().astype(np.int32))
+    rows = len(texts)
+    args = json.dumps({"dir": vdir, "ids": ids.tolist(), "mask": mask.tolist(), "k": [5] * rows,
+                       "beta": [BETA] * rows,
+                       "history": [[h.decode() for h in r] for r in batch[F.HISTORY_ITEM_IDS].numpy()]})
+    out = subprocess.run([sys.executable, "-c", _PLAIN_TF, args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = _load(exports["brute_force"]).signatures["serving_default"](**_request(batch, 5, BETA))
+    assert got["ids"] == _ids(want[F.OUT_ITEM_IDS])
+    np.testing.assert_allclose(np.array(got["scores"]), want[F.OUT_SCORES].numpy(), atol=1e-5)

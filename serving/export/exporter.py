@@ -16,12 +16,21 @@ ScaNN exports are checked at export time: recall@10 of the index against
 brute force over the same item embeddings, on the segment-aware queries of
 held-out (eval split) users; below `min_recall` the export fails
 (`RecallTooLow`, the CLI exits non-zero) and nothing is published.
+
+Two more gates, each failing the export (exit 2) before anything is published:
+  * `encoder_precision` float16 / int8 (serving/export/quantize.py): the
+    top-10 overlap with the float32 model on held-out queries must reach
+    `min_overlap` (`quantize.OverlapTooLow`);
+  * the SavedModel's non-core ops, read from the saved graph
+    (serving/export/graph_ops.py), must all be registered by `target`
+    (`graph_ops.MissingOps`). Both land in the model card and export.json.
+`text_input="token_ids"` exports signatures over client-side token ids and
+ships the vocabulary (assets.extra/vocab.txt), so no text op is in the graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import time
 from typing import Optional
@@ -30,16 +39,17 @@ import numpy as np
 import tensorflow as tf
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
+from serving.export import card, graph_ops, layout, quantize
 from serving.export import index as ix
-from serving.export import layout
 from serving.export import signatures as sig
 from serving.export.layout import join as _join
-from serving.export.layout import load_exported, model_dir, next_version
+from serving.export.layout import load_exported, model_dir, next_version  # noqa: F401  (load_exported: re-exported)
 from trainer import contracts, features
 from trainer.model import run_dir as rd
+from trainer.model import token_ids as tok
 from trainer.segments import document as segments_doc
 
-RECALL_K = 10
+RECALL_K = card.RECALL_K
 WARMUP_USERS = 4
 
 
@@ -57,8 +67,12 @@ class ExportConfig:
     largest k a request may ask for. min_recall: the least ScaNN recall@10
     against brute force. segments_path: a refreshed segments.json whose
     centroids replace the model's. recall_queries: held-out queries of the
-    recall check. default_k, default_beta: the knobs of recommend_defaults
-    and serving_tf_example (default_beta None = the run's beta).
+    recall and overlap checks. default_k, default_beta: the knobs of
+    recommend_defaults and serving_tf_example (default_beta None = the run's
+    beta). encoder_precision: float32 | float16 | int8 (quantize.py);
+    min_overlap: the least top-10 overlap of a quantised encoder with float32.
+    target: the server the ops are checked for (graph_ops.TARGETS).
+    text_input: "text" or "token_ids" (signatures.py).
     """
 
     run_dir: str
@@ -73,6 +87,10 @@ class ExportConfig:
     default_k: int = 10
     default_beta: Optional[float] = None
     seed: int = 0
+    encoder_precision: str = quantize.FLOAT32
+    min_overlap: float = 0.95
+    target: str = graph_ops.SEGREC_SERVE
+    text_input: str = sig.TEXT
 
 
 @dataclasses.dataclass
@@ -91,6 +109,11 @@ class ExportSummary:
     size_bytes: int
     seconds: float
     signatures: tuple = sig.SIGNATURES
+    text_input: str = sig.TEXT
+    tokenizer: Optional[dict] = None  # token_ids.tokenizer_info
+    encoder_precision: str = quantize.FLOAT32
+    encoder_quality: Optional[quantize.QualityCheck] = None  # None for float32
+    non_core_ops: list = dataclasses.field(default_factory=list)
 
 
 # --- versions -------------------------------------------------------------------
@@ -117,6 +140,16 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
     beta = float(run.train_config.get("beta", 0.0)) if config.default_beta is None else float(config.default_beta)
     embeddings = model.item_embeddings().numpy()
 
+    serving_model, quality = model, None
+    if config.encoder_precision != quantize.FLOAT32:
+        _say(progress, f"{config.encoder_precision} encoder: comparing with float32 on held-out queries")
+        serving_model = quantize.model_with_precision(model, config.encoder_precision)
+        quality = quantize.compare(model, serving_model, heldout_batches(run, config.recall_queries, beta, config.seed),
+                                   config.encoder_precision)
+        _say(progress, f"top-10 overlap with float32 {quality.overlap_at_10:.4f}, Recall@50 "
+                       f"{quality.recall['recall_at_50']:.4f} (float32 {quality.recall_float32['recall_at_50']:.4f})")
+        quantize.check(quality, config.min_overlap)
+
     _say(progress, f"building the {config.index} index over {len(embeddings):,} items")
     index = ix.build_index(config.index, embeddings, k_max=config.k_max)
     recall, num_queries = None, 0
@@ -132,14 +165,33 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
                 "or lower --min-recall"
             )
 
-    module = sig.ServingModule(model, index, k_max=config.k_max, default_k=config.default_k, default_beta=beta)
-    warmup = warmup_inputs(run, min(config.default_k, config.k_max), beta)
+    module = sig.ServingModule(serving_model, index, k_max=config.k_max, default_k=config.default_k,
+                               default_beta=beta, text_input=config.text_input)
+    warmup = warmup_inputs(run, min(config.default_k, config.k_max), beta, config.text_input)
     expected = module.serving_default(warmup)
 
     tmp_dir = _join(model_dir(config.base_path), f".tmp-{version}-{os.getpid()}")
     if tf.io.gfile.exists(tmp_dir):
         tf.io.gfile.rmtree(tmp_dir)
     _say(progress, f"writing {final_dir}")
+    try:
+        summary = _write_version(tmp_dir, final_dir, version, config, run, module, warmup, expected, progress,
+                                 quality=quality, index=index, recall=recall, num_queries=num_queries,
+                                 embeddings=embeddings, beta=beta, segments=segments)
+    except BaseException:
+        tf.io.gfile.rmtree(tmp_dir)  # a failed export leaves nothing behind
+        raise
+    if tf.io.gfile.exists(final_dir):
+        tf.io.gfile.rmtree(final_dir)
+    tf.io.gfile.rename(tmp_dir, final_dir)
+    summary.size_bytes = dir_size(final_dir)
+    summary.seconds = time.time() - start
+    return summary
+
+
+def _write_version(tmp_dir, final_dir, version, config, run, module, warmup, expected, progress, *, quality, index,
+                   recall, num_queries, embeddings, beta, segments) -> ExportSummary:
+    """Saves, reloads, checks and documents the version in `tmp_dir` (not yet published)."""
     tf.saved_model.save(
         module,
         tmp_dir,
@@ -147,31 +199,38 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
         options=tf.saved_model.SaveOptions(namespace_whitelist=ix.SAVE_NAMESPACES),
     )
     write_warmup(_join(tmp_dir, contracts.WARMUP_FILE), [warmup])
+    encoder = run.model.text_encoder
+    if config.text_input == sig.TOKEN_IDS:
+        tok.write_vocabulary(encoder, tmp_dir)
     verify(tmp_dir, warmup, expected)
+    ops = graph_ops.non_core_ops(tmp_dir)
+    _say(progress, f"non-core ops: {', '.join(ops) or 'none'}; checking them for --target {config.target}")
+    graph_ops.check(ops, config.target)
     if segments is not None:
         segments_doc.save(segments, _join(tmp_dir, contracts.SEGMENTS_FILE))
     summary = ExportSummary(
         version_dir=final_dir,
         version=version,
         index=config.index,
-        index_params=_describe(index),
+        index_params=card.describe_index(index),
         recall_at_10=recall,
         recall_queries=num_queries,
         num_items=len(embeddings),
         embedding_dim=int(embeddings.shape[1]),
-        num_segments=model.num_segments,
+        num_segments=run.model.num_segments,
         default_k=config.default_k,
         default_beta=beta,
         size_bytes=0,
         seconds=0.0,
+        signatures=tuple(module.signatures()),
+        text_input=config.text_input,
+        tokenizer=tok.tokenizer_info(encoder, config.text_input),
+        encoder_precision=config.encoder_precision,
+        encoder_quality=quality,
+        non_core_ops=ops,
     )
-    _write_text(_join(tmp_dir, contracts.MODEL_CARD), model_card(summary, config, run))
-    layout.write_export_info(tmp_dir, export_info(summary, config, run))
-    if tf.io.gfile.exists(final_dir):
-        tf.io.gfile.rmtree(final_dir)
-    tf.io.gfile.rename(tmp_dir, final_dir)
-    summary.size_bytes = dir_size(final_dir)
-    summary.seconds = time.time() - start
+    _write_text(_join(tmp_dir, contracts.MODEL_CARD), card.model_card(summary, config, run))
+    layout.write_export_info(tmp_dir, card.export_info(summary, config, run))
     return summary
 
 
@@ -186,6 +245,14 @@ def _check_config(config: ExportConfig) -> None:
         raise ValueError(f"--recall-queries must be >= 1, got {config.recall_queries}")
     if config.version is not None and config.version < 1:
         raise ValueError(f"--version must be a positive integer, got {config.version}")
+    if config.encoder_precision not in quantize.PRECISIONS:
+        raise ValueError(f"--encoder-precision must be one of {quantize.PRECISIONS}, got {config.encoder_precision!r}")
+    if not 0.0 <= config.min_overlap <= 1.0:
+        raise ValueError(f"--min-overlap must be in [0, 1], got {config.min_overlap}")
+    if config.target not in graph_ops.TARGETS:
+        raise ValueError(f"--target must be one of {graph_ops.TARGETS}, got {config.target!r}")
+    if config.text_input not in sig.TEXT_INPUTS:
+        raise ValueError(f"--text-input must be one of {sig.TEXT_INPUTS}, got {config.text_input!r}")
 
 
 def apply_centroids(model, segments: dict, source: str) -> None:
@@ -211,28 +278,33 @@ def _model_batch(run, split, rows) -> dict:
     return batch
 
 
-def heldout_queries(run, limit: int, beta: float, seed: int = 0, batch_size: int = 256) -> np.ndarray:
-    """Segment-aware queries [Q, d] of up to `limit` eval-split examples
-    (the train split when eval is empty), sampled with `seed`."""
+def heldout_batches(run, limit: int, beta: float, seed: int = 0, batch_size: int = 256) -> list:
+    """[(model batch, beta)] of up to `limit` eval-split examples (the train
+    split when eval is empty), sampled with `seed`; cached text vectors added
+    where the run's cache holds the texts."""
     from trainer.data import arrays as da
 
     split = da.load_split(run.dataset_dir, "eval")
     if len(split) == 0:
         split = da.load_split(run.dataset_dir, "train")
     if len(split) == 0:
-        raise ValueError(f"{run.dataset_dir}: no examples to measure the index's recall on")
+        raise ValueError(f"{run.dataset_dir}: no examples to measure the export's recall on")
     rows = np.arange(len(split))
     if len(rows) > limit:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
-    out = []
-    for s in range(0, len(rows), batch_size):
-        batch = _model_batch(run, split, rows[s : s + batch_size])
-        out.append(run.model(batch, training=False, beta=beta)[features.QUERY].numpy())
+    return [(_model_batch(run, split, rows[s : s + batch_size]), beta) for s in range(0, len(rows), batch_size)]
+
+
+def heldout_queries(run, limit: int, beta: float, seed: int = 0, batch_size: int = 256) -> np.ndarray:
+    """Segment-aware queries [Q, d] of heldout_batches (the run's float32 model)."""
+    batches = heldout_batches(run, limit, beta, seed, batch_size)
+    out = [run.model(batch, training=False, beta=b)[features.QUERY].numpy() for batch, b in batches]
     return np.concatenate(out).astype(np.float32)
 
 
-def warmup_inputs(run, k: int, beta: float, users: int = WARMUP_USERS) -> dict:
-    """serving_default inputs for a few eval users (train users if eval is empty)."""
+def warmup_inputs(run, k: int, beta: float, text_input: str = sig.TEXT, users: int = WARMUP_USERS) -> dict:
+    """serving_default inputs for a few eval users (train users if eval is empty);
+    token-id exports get the users' texts tokenised as a client would."""
     from trainer.data import arrays as da
 
     split = da.load_split(run.dataset_dir, "eval")
@@ -243,9 +315,13 @@ def warmup_inputs(run, k: int, beta: float, users: int = WARMUP_USERS) -> dict:
     # Trim the all-padding tail so warm-up looks like a real request.
     width = max(1, int(tf.reduce_max(tf.reduce_sum(tf.cast(hist != features.PAD_ITEM_ID, tf.int32), axis=1))))
     inputs = {features.USER_TEXT: batch[features.USER_TEXT], features.HISTORY_ITEM_IDS: hist[:, :width]}
+    if text_input == sig.TOKEN_IDS:
+        ids, mask = run.model.text_encoder.tokenize(inputs.pop(features.USER_TEXT))
+        inputs[features.INPUT_IDS] = ids
+        inputs[features.PADDING_MASK] = tf.cast(mask, tf.int32)
     if run.model.user_id_buckets > 0:
         inputs[features.USER_ID] = batch[features.USER_ID]
-    rows = int(inputs[features.USER_TEXT].shape[0])
+    rows = int(inputs[features.HISTORY_ITEM_IDS].shape[0])
     inputs[features.K] = tf.fill([rows], tf.constant(k, tf.int32))
     inputs[features.BETA] = tf.fill([rows], tf.constant(beta, tf.float32))
     return inputs
@@ -274,93 +350,6 @@ def verify(version_dir: str, inputs: dict, expected: dict) -> None:
         if not np.array_equal(got[key].numpy(), expected[key].numpy()):
             raise RuntimeError(f"the reloaded export's {key} differ from the in-memory model's")
     np.testing.assert_allclose(got[features.OUT_SCORES].numpy(), expected[features.OUT_SCORES].numpy(), atol=1e-5)
-
-
-# --- model card and summary ---------------------------------------------------------------
-def export_info(summary: ExportSummary, config: ExportConfig, run) -> dict:
-    """What export.json holds: the defaults servers and batch scoring read back (never the model card)."""
-    return {
-        "version": summary.version,
-        "k": summary.default_k,
-        "beta": summary.default_beta,
-        "k_max": config.k_max,
-        "index": summary.index,
-        "num_items": summary.num_items,
-        "embedding_dim": summary.embedding_dim,
-        "num_segments": summary.num_segments,
-        "scann_recall_at_10": summary.recall_at_10,
-        "signatures": list(contracts.SIGNATURES),
-        "run_dir": config.run_dir,
-        "dataset_dir": run.dataset_dir,
-    }
-
-
-def model_card(summary: ExportSummary, config: ExportConfig, run) -> str:
-    metrics_path = rd.path(config.run_dir, rd.METRICS)
-    final = rd.read_json(metrics_path).get("final", {}) if tf.io.gfile.exists(metrics_path) else {}
-    recall = (
-        f"{summary.recall_at_10:.4f} on {summary.recall_queries} held-out (eval split) queries"
-        if summary.recall_at_10 is not None
-        else "1.0 (exact search)"
-    )
-    lines = [
-        f"# segrec model card — version {summary.version}",
-        "",
-        f"- Exported: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"- Run dir: `{config.run_dir}`",
-        f"- Training data: `{run.dataset_dir}`",
-        f"- Encoder: {run.train_config.get('encoder')} (finetune layers: {run.train_config.get('finetune_layers', 0)})",
-        f"- Segments: {summary.num_segments}"
-        + (f" (centroids from `{config.segments_path}`)" if config.segments_path else " (from the run)"),
-        f"- Catalog: {summary.num_items:,} items, embedding dim {summary.embedding_dim}",
-        "",
-        "## Index",
-        "",
-        f"- Kind: {summary.index} ({summary.index_params})",
-        f"- Recall@{RECALL_K} vs brute force: {recall}; required >= {config.min_recall}",
-        "- ScaNN exports need a TF Serving build with the ScaNN ops; brute_force runs on stock TF Serving."
-        if summary.index == ix.SCANN
-        else "- Runs on stock TF Serving.",
-        "",
-        "## Signatures",
-        "",
-        f"- `{contracts.SERVING_DEFAULT}`: user_text, history_item_ids, k (1..{config.k_max}), beta -> "
-        "item_ids, scores, segment_id, segment_probs",
-        f"- `{contracts.RECOMMEND_DEFAULTS}`, `{contracts.SERVING_TF_EXAMPLE}`: k = {summary.default_k}, "
-        f"beta = {summary.default_beta}",
-        f"- `{contracts.USER_EMBEDDING}`: embedding, segment_id, segment_probs",
-        "- Items in history_item_ids are never returned.",
-        "",
-        "## Training metrics (final eval)",
-        "",
-    ]
-    lines += [f"- {k}: {v}" for k, v in final.items()] or ["- (none recorded)"]
-    return "\n".join(lines) + "\n"
-
-
-def format_summary(summary: ExportSummary) -> str:
-    recall = "exact" if summary.recall_at_10 is None else f"{summary.recall_at_10:.4f} ({summary.recall_queries} queries)"
-    return "\n".join(
-        [
-            f"exported version {summary.version} -> {summary.version_dir} in {summary.seconds:.1f}s",
-            f"  index        {summary.index}: {summary.index_params}",
-            f"  recall@10    {recall} vs brute force",
-            f"  catalog      {summary.num_items:,} items x {summary.embedding_dim} dims, "
-            f"{summary.num_segments} segments",
-            f"  defaults     k={summary.default_k} beta={summary.default_beta}",
-            f"  signatures   {', '.join(summary.signatures)}",
-            f"  size         {summary.size_bytes / 1e6:.2f} MB",
-        ]
-    )
-
-
-def _describe(index) -> str:
-    if isinstance(index, ix.ScannIndex):
-        text = index.params.describe()
-        if index.params.partitioned:
-            text += f"; tuned to search {int(index.leaves_to_search.numpy())} leaves"
-        return text
-    return "exact matmul + top_k"
 
 
 def dir_size(path: str) -> int:

@@ -16,6 +16,12 @@ Signatures (names from trainer.features):
 
 (plus user_id [B] string on every signature when the model hashes user ids.)
 
+Token-id exports (text_input="token_ids") take input_ids [B, T] int32 and
+padding_mask [B, T] int32 (1 = token) in place of user_text, tokenised by
+the client with the export's vocabulary (trainer/model/token_ids.py), so the
+graph holds no text ops; they have no serving_tf_example (its examples carry
+text).
+
 Every input has the batch dimension, k and beta included (one knob per row),
 so TF Serving's server-side batching, which concatenates the inputs of
 concurrent requests along dim 0, can batch serving_default: stock TF Serving
@@ -51,19 +57,25 @@ from trainer.contracts import (  # noqa: F401  (the signature names live in trai
     SERVING_DEFAULT,
     SERVING_TF_EXAMPLE,
     SIGNATURES,
+    TOKEN_ID_SIGNATURES,
     USER_EMBEDDING,
 )
+
+TEXT, TOKEN_IDS = "text", "token_ids"
+TEXT_INPUTS = (TEXT, TOKEN_IDS)
 
 RECOMMEND_OUTPUTS = (features.OUT_ITEM_IDS, features.OUT_SCORES, features.SEGMENT_ID, features.SEGMENT_PROBS)
 EMBEDDING_OUTPUTS = (features.EMBEDDING, features.SEGMENT_ID, features.SEGMENT_PROBS)
 
 
-def user_specs(with_user_id: bool) -> dict:
+def user_specs(with_user_id: bool, text_input: str = TEXT) -> dict:
     """TensorSpecs of the user inputs every signature but serving_tf_example takes."""
-    specs = {
-        features.USER_TEXT: tf.TensorSpec([None], tf.string, name=features.USER_TEXT),
-        features.HISTORY_ITEM_IDS: tf.TensorSpec([None, None], tf.string, name=features.HISTORY_ITEM_IDS),
-    }
+    if text_input == TOKEN_IDS:
+        specs = {name: tf.TensorSpec([None, None], tf.int32, name=name)
+                 for name in (features.INPUT_IDS, features.PADDING_MASK)}
+    else:
+        specs = {features.USER_TEXT: tf.TensorSpec([None], tf.string, name=features.USER_TEXT)}
+    specs[features.HISTORY_ITEM_IDS] = tf.TensorSpec([None, None], tf.string, name=features.HISTORY_ITEM_IDS)
     if with_user_id:
         specs[features.USER_ID] = tf.TensorSpec([None], tf.string, name=features.USER_ID)
     return specs
@@ -87,12 +99,17 @@ class ServingModule(tf.Module):
       k_max: the largest k a request may ask for.
       default_k, default_beta: the knobs of recommend_defaults and
         serving_tf_example.
+      text_input: "text" (user_text, tokenised in the graph) or "token_ids"
+        (input_ids + padding_mask, tokenised by the client).
     """
 
-    def __init__(self, model, index, k_max: int = 100, default_k: int = 10, default_beta: float = 0.0):
+    def __init__(self, model, index, k_max: int = 100, default_k: int = 10, default_beta: float = 0.0,
+                 text_input: str = TEXT):
         super().__init__(name="segrec_serving")
         if model.text_encoder is None:
             raise ValueError("the model has no text encoder; serving needs one to encode user_text")
+        if text_input not in TEXT_INPUTS:
+            raise ValueError(f"text_input must be one of {TEXT_INPUTS}, got {text_input!r}")
         if not 1 <= default_k <= k_max:
             raise ValueError(f"default_k must be in [1, k_max={k_max}], got {default_k}")
         self.model = model
@@ -102,42 +119,36 @@ class ServingModule(tf.Module):
         self.default_beta = float(default_beta)
         self.num_items = len(model.item_ids)
         self.with_user_id = model.user_id_buckets > 0
+        self.text_input = text_input
+        self.user_keys = (features.INPUT_IDS, features.PADDING_MASK) if text_input == TOKEN_IDS else (features.USER_TEXT,)
         self.item_id_table = tf.Variable(
             np.array(model.item_ids, dtype=object), dtype=tf.string, trainable=False, name="item_ids"
         )
-        users = user_specs(self.with_user_id)
+        users = user_specs(self.with_user_id, text_input)
         self.serving_default = tf.function(self._serving_default, input_signature=[{**users, **knob_specs()}])
         self.recommend_defaults = tf.function(self._recommend_defaults, input_signature=[users])
-        self.serving_tf_example = tf.function(
-            self._serving_tf_example,
-            input_signature=[tf.TensorSpec([None], tf.string, name=features.EXAMPLES)],
-        )
+        if text_input == TEXT:
+            self.serving_tf_example = tf.function(
+                self._serving_tf_example,
+                input_signature=[tf.TensorSpec([None], tf.string, name=features.EXAMPLES)],
+            )
         self.user_embedding = tf.function(self._user_embedding, input_signature=[users])
 
     def signatures(self) -> dict:
-        return {
-            SERVING_DEFAULT: self.serving_default,
-            RECOMMEND_DEFAULTS: self.recommend_defaults,
-            SERVING_TF_EXAMPLE: self.serving_tf_example,
-            USER_EMBEDDING: self.user_embedding,
-        }
+        names = TOKEN_ID_SIGNATURES if self.text_input == TOKEN_IDS else SIGNATURES
+        return {name: getattr(self, name) for name in names}
 
     # --- graph pieces -----------------------------------------------------------
     def _batch(self, inputs: dict) -> dict:
-        batch = {
-            features.USER_TEXT: inputs[features.USER_TEXT],
-            features.HISTORY_ITEM_IDS: inputs[features.HISTORY_ITEM_IDS],
-        }
-        if self.with_user_id:
-            batch[features.USER_ID] = inputs[features.USER_ID]
-        return batch
+        keys = self.user_keys + (features.HISTORY_ITEM_IDS,) + ((features.USER_ID,) if self.with_user_id else ())
+        return {key: inputs[key] for key in keys}
 
     def recommend(self, inputs: dict, k, beta) -> dict:
         """User inputs, k and beta ([B] each, or scalars for every row) -> RECOMMEND_OUTPUTS."""
         batch = self._batch(inputs)
-        rows = tf.shape(batch[features.USER_TEXT])[0]
-        k = self._per_row(tf.convert_to_tensor(k, tf.int32), rows, features.K)
-        beta = self._per_row(tf.convert_to_tensor(beta, tf.float32), rows, features.BETA)
+        rows = tf.shape(batch[self.user_keys[0]])[0]
+        k = self._per_row(tf.convert_to_tensor(k, tf.int32), rows, features.K, self.user_keys[0])
+        beta = self._per_row(tf.convert_to_tensor(beta, tf.float32), rows, features.BETA, self.user_keys[0])
         checks = [
             tf.debugging.assert_greater_equal(k, 1, message=f"inputs.k: k must be in [1, {self.k_max}]"),
             tf.debugging.assert_less_equal(k, self.k_max, message=f"inputs.k: k must be in [1, {self.k_max}]"),
@@ -177,13 +188,13 @@ class ServingModule(tf.Module):
         }
 
     @staticmethod
-    def _per_row(value: tf.Tensor, rows, name: str) -> tf.Tensor:
+    def _per_row(value: tf.Tensor, rows, name: str, of: str) -> tf.Tensor:
         """A scalar knob -> [B] (the defaults); a [B] knob is checked to have one value per row."""
         if value.shape.rank == 0:
             return tf.fill([rows], value)
         check = tf.debugging.assert_equal(
             tf.shape(value)[0], rows,
-            message=f"inputs.{name}: needs one value per row of {features.USER_TEXT} (shape [B])",
+            message=f"inputs.{name}: needs one value per row of {of} (shape [B])",
         )
         with tf.control_dependencies([check]):
             return tf.identity(value)

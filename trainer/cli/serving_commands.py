@@ -24,22 +24,36 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    "replace the model's (same K and embedding dim) and which is copied beside the model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder-precision", default="float32", choices=("float32", "float16", "int8"),
+                   help="weights of the BERT user encoder: float16 (cast to float32 where read) or int8 "
+                        "(per-channel weight-only, dequantised in the graph); stock TF ops either way")
+    p.add_argument("--min-overlap", type=float, default=0.95,
+                   help="least top-10 overlap of a float16/int8 encoder with float32 on held-out queries "
+                        "(default 0.95); below it the export fails and nothing is published")
+    p.add_argument("--target", default="segrec-serve", choices=("segrec-serve", "tf-serving-stock", "tf-serving-scann"),
+                   help="the server the export's non-core ops are checked for (k8s/README.md: which TF Serving "
+                        "release carries which)")
+    p.add_argument("--text-input", default="text", choices=("text", "token_ids"),
+                   help="text: signatures take user_text (tokenised in the graph: tensorflow_text ops); token_ids: "
+                        "they take input_ids/padding_mask tokenised by the client (no text ops on the server)")
 
 
 @command("export", "Export a trained run as a SavedModel version with a ScaNN or brute-force index.")(_add_export_args)
 def run_export(args: argparse.Namespace, beam_args) -> int:
+    from serving.export import card
     from serving.export import exporter as export
 
     config = export.ExportConfig(
         run_dir=args.run_dir, base_path=args.base_path, version=args.version, index=args.index,
         k_max=args.k_max, min_recall=args.min_recall, segments_path=args.segments_file,
         recall_queries=args.recall_queries, overwrite=args.overwrite, default_k=args.default_k,
-        default_beta=args.default_beta, seed=args.seed)
+        default_beta=args.default_beta, seed=args.seed, encoder_precision=args.encoder_precision,
+        min_overlap=args.min_overlap, target=args.target, text_input=args.text_input)
     try:
         summary = export.export(config, progress=True)
     except FileExistsError as err:
         raise UserError(str(err)) from err
-    print(export.format_summary(summary))
+    print(card.format_summary(summary))
     return 0
 
 
@@ -112,6 +126,9 @@ def _add_recommend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each attempt, seconds")
     p.add_argument("--token-env", help="name of an environment variable holding the bearer token")
     p.add_argument("--tls-ca", help="PEM root certificate: connect over TLS")
+    p.add_argument("--token-ids-export", metavar="VERSION_DIR",
+                   help="the model is a token-id export (--text-input token_ids): tokenise --user-text with the "
+                        "vocabulary of this local copy of its version dir")
 
 
 @command("recommend", "Ask a running server for one user's recommendations and print them.")(_add_recommend_args)
@@ -123,9 +140,14 @@ def run_recommend(args: argparse.Namespace, beam_args) -> int:
     token = os.environ.get(args.token_env) if args.token_env else None
     root = open(args.tls_ca, "rb").read() if args.tls_ca else None
     history = [h.strip() for h in args.history.split(",") if h.strip()]
+    tokens = None
+    if args.token_ids_export:
+        from trainer.model.token_ids import TokenIds
+
+        tokens = TokenIds.from_export(args.token_ids_export)
     with cl.RecommenderClient(args.target, timeout=args.timeout, model_name=args.model_name, token=token,
                               root_certificates=root, tls=root is not None,
-                              segments_path=args.segments_file) as client:
+                              segments_path=args.segments_file, token_ids=tokens) as client:
         try:
             rec = client.recommend(args.user_text, history, k=args.k, beta=args.beta,
                                    version_label=args.version_label)
