@@ -119,8 +119,8 @@ def _tiny_long(seq: int = 64) -> TextEncoder:
 def test_bucket_widths_and_the_width_of_each_length():
     from trainer.model import padding
 
-    assert padding.bucket_widths(128) == (8, 16, 32, 64, 128)
-    assert padding.bucket_widths(100) == (8, 16, 32, 64, 100)
+    assert padding.bucket_widths(128) == (8, 16, 24, 32, 48, 64, 96, 128)
+    assert padding.bucket_widths(100) == (8, 16, 24, 32, 48, 64, 96, 100)
     assert padding.bucket_widths(8) == (8,) and padding.bucket_widths(5) == (5,)
     widths = padding.bucket_widths(128)
     mask = np.zeros((1, 128), bool)
@@ -130,7 +130,7 @@ def test_bucket_widths_and_the_width_of_each_length():
         ids, m = padding.trim(tf.zeros([1, 128], tf.int32), tf.constant(mask), widths)
         want = padding.bucket_for(length, widths)
         assert ids.shape == (1, want) and m.shape == (1, want) and int(m.numpy().sum()) == length
-        assert want >= length and (length <= 8 or want < 2 * length)
+        assert want >= length and (length <= 16 or want <= 1.5 * length)
     empty = padding.trim(tf.zeros([0, 128], tf.int32), tf.zeros([0, 128], tf.bool), widths)[0]
     assert empty.shape == (0, 8)
 

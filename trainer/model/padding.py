@@ -8,10 +8,15 @@ but the cost (the transformer's work grows with the number of columns, its
 attention with their square). A MovieLens profile with five recent titles is
 ~50 tokens, so a batch of them needs 64 columns, not 128.
 
-The width is rounded up to a bucket (8, 16, 32, 64, ..., S) rather than the
-exact longest row, so the backbone sees only ~log2(S) distinct shapes: oneDNN
-and XLA cache their kernels per shape, and a traced function with static
-widths (a TF Serving warm-up, a `tf.function` keyed on shapes) stays bounded.
+The width is rounded up to a bucket rather than the exact longest row, so
+the backbone sees only a few distinct shapes: oneDNN and XLA cache their
+kernels per shape, and a traced function with static widths (a TF Serving
+warm-up, a `tf.function` keyed on shapes) stays bounded. The buckets are the
+powers of two from 8 and, from 16 on, the half-octave between each pair
+(8, 16, 24, 32, 48, 64, 96, 128, ..., S): two shapes per doubling, and a
+batch pays for at most a third more columns than its longest row needs
+(plain powers of two waste up to half: a batch whose longest row is 69
+tokens would run 128 columns instead of 96).
 
 `bucket_widths(S)` lists the widths; `trim(token_ids, padding_mask, widths)`
 cuts a packed [B, S] batch to [B, W] in the graph (one trace for every W: W is
@@ -28,15 +33,16 @@ MIN_BUCKET = 8
 
 
 def bucket_widths(sequence_length: int, min_bucket: int = MIN_BUCKET) -> tuple:
-    """Padded widths a batch may take: powers of two from `min_bucket` below
-    `sequence_length`, then `sequence_length` itself (e.g. 128 -> 8, 16, 32, 64, 128)."""
+    """Padded widths a batch may take, ascending: the powers of two from
+    `min_bucket` and 1.5x each power from 16, those below `sequence_length`,
+    then `sequence_length` itself (128 -> 8, 16, 24, 32, 48, 64, 96, 128)."""
     if sequence_length < 1:
         raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
     widths, w = [], min_bucket
     while w < sequence_length:
-        widths.append(w)
+        widths += [w] + ([w + w // 2] if w >= 2 * min_bucket else [])
         w *= 2
-    return tuple(widths) + (int(sequence_length),)
+    return tuple(x for x in widths if x < sequence_length) + (int(sequence_length),)
 
 
 def bucket_for(length: int, widths: tuple) -> int:
