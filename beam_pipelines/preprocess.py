@@ -4,8 +4,8 @@
                          \--> dead letters (per reason)            |
     interactions --JoinCatalog(item_id)--> known, filtered ---BuildExamples(user_id)
                                                                    |
-    train-*.tfrecord.gz  eval-*.tfrecord.gz  items-*.tfrecord.gz  vocab/  users.jsonl
-    dead_letter/*.jsonl  stats.json  metadata.json
+    train-*.tfrecord.gz  valid-*.tfrecord.gz  eval-*.tfrecord.gz (test)  events-*.tfrecord.gz
+    items-*.tfrecord.gz  vocab/  users.jsonl  dead_letter/*.jsonl  stats.json  metadata.json
 
 `build_pipeline(p, config)` is pure (where it runs is decided by the
 PipelineOptions alone: DirectRunner here, Dataflow/Flink/Spark by flags);
@@ -15,6 +15,7 @@ accepted, filtered or dead-lettered and writes stats.json and metadata.json.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime
 import json
@@ -45,7 +46,9 @@ class PreprocessConfig:
     output_dir: str
     source_name: str = "generic"
     policy: ex.ExamplePolicy = ex.ExamplePolicy()
-    cutoff_quantile: Optional[float] = None  # global cutoff at this time quantile
+    cutoff_quantile: Optional[float] = None  # global cutoff (test starts) at this time quantile
+    valid_cutoff_quantile: Optional[float] = None  # validation starts here (default: see pick_cutoffs)
+    repeats: str = ex.DEFAULT_REPEATS  # the repeat rule recorded for training, evaluation and serving
     min_user_interactions: int = 1
     min_item_interactions: int = 0
     min_rating: Optional[float] = None
@@ -60,6 +63,19 @@ class PreprocessConfig:
             raise ValueError(f"cutoff_quantile must be in (0, 1), got {self.cutoff_quantile}")
         if self.policy.split == ex.GLOBAL_CUTOFF and self.policy.cutoff is None and self.cutoff_quantile is None:
             raise ValueError("the global_cutoff split needs --cutoff TIMESTAMP or --cutoff-quantile Q")
+        if self.valid_cutoff_quantile is not None:
+            if not 0.0 < self.valid_cutoff_quantile < 1.0:
+                raise ValueError(f"valid_cutoff_quantile must be in (0, 1), got {self.valid_cutoff_quantile}")
+            if self.cutoff_quantile is not None and self.valid_cutoff_quantile >= self.cutoff_quantile:
+                raise ValueError(f"valid_cutoff_quantile ({self.valid_cutoff_quantile}) must be below "
+                                 f"cutoff_quantile ({self.cutoff_quantile}): validation comes before test")
+        if (self.policy.split == ex.GLOBAL_CUTOFF and self.policy.cutoff is None and self.policy.valid_cutoff is None
+                and self.valid_cutoff_quantile is None and self.cutoff_quantile is not None
+                and self.cutoff_quantile <= 0.5):
+            raise ValueError(f"--cutoff-quantile {self.cutoff_quantile} leaves no room for a validation period as long "
+                             "as the test period before it; pass --valid-cutoff-quantile or --valid-cutoff")
+        if self.repeats not in ex.REPEAT_RULES:
+            raise ValueError(f"repeats must be one of {ex.REPEAT_RULES}, got {self.repeats!r}")
         if self.min_user_interactions < 0 or self.min_item_interactions < 0:
             raise ValueError("minimum interaction counts must be >= 0")
 
@@ -118,17 +134,18 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig) -> None:
     counts.append(joined[T.COUNTS])
     catalog = joined[T.CATALOG]
 
-    cutoff = None
-    if config.policy.split == ex.GLOBAL_CUTOFF and config.policy.cutoff is None:
-        q = config.cutoff_quantile
-        cutoff_pc = (
+    cutoffs = None
+    policy = config.policy
+    if policy.split == ex.GLOBAL_CUTOFF and (policy.cutoff is None or policy.valid_cutoff is None):
+        cutoffs_pc = (
             joined.interactions
             | "Timestamps" >> beam.Map(lambda kv: kv[1].timestamp)
             | "Quantiles" >> beam.ApproximateQuantiles.Globally(1000)
-            | "PickCutoff" >> beam.Map(lambda qs: int(qs[min(len(qs) - 1, round(q * (len(qs) - 1)))]) if qs else 0)
+            | "PickCutoffs" >> beam.Map(pick_cutoffs, policy, config.cutoff_quantile, config.valid_cutoff_quantile)
         )
-        counts.append(cutoff_pc | "CutoffCount" >> beam.Map(lambda c: ("value.cutoff", c)))
-        cutoff = beam.pvalue.AsSingleton(cutoff_pc)
+        counts.append(cutoffs_pc | "CutoffCounts" >> beam.FlatMap(
+            lambda c: [("value.valid_cutoff", c[0]), ("value.cutoff", c[1])]))
+        cutoffs = beam.pvalue.AsSingleton(cutoffs_pc)
 
     titles = beam.pvalue.AsDict(catalog | "Titles" >> beam.Map(lambda r: (r.item_id, r.title)))
     built = (
@@ -136,17 +153,21 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig) -> None:
          "users": users | "KeyUsers" >> beam.Map(lambda r: (r.user_id, r))}
         | "GroupByUser" >> beam.CoGroupByKey()
         | "BuildExamples" >> beam.ParDo(
-            T.BuildExamples(config.policy, config.min_user_interactions), titles=titles, cutoff=cutoff
-        ).with_outputs(T.TRAIN, T.EVAL, T.COUNTS)
+            T.BuildExamples(config.policy, config.min_user_interactions), titles=titles, cutoffs=cutoffs
+        ).with_outputs(T.TRAIN, T.VALID, T.EVAL, T.EVENTS, T.COUNTS)
     )
     counts.append(built[T.COUNTS])
-    train, eval_ = built[T.TRAIN], built[T.EVAL]
+    train, valid, eval_ = built[T.TRAIN], built[T.VALID], built[T.EVAL]
 
     # --- Outputs ---
-    for name, pcoll in ((features.TRAIN_PREFIX, train), (features.EVAL_PREFIX, eval_)):
+    for name, pcoll in ((features.TRAIN_PREFIX, train), (features.VALID_PREFIX, valid), (features.EVAL_PREFIX, eval_)):
         (pcoll
          | f"Serialize[{name}]" >> beam.Map(ex.serialize_example)
          | f"Write[{name}]" >> beam.io.WriteToTFRecord(_path(config, name), file_name_suffix=features.TFRECORD_SUFFIX))
+    (built[T.EVENTS]
+     | "SerializeEvents" >> beam.Map(ex.serialize_events)
+     | "WriteEvents" >> beam.io.WriteToTFRecord(_path(config, features.EVENTS_PREFIX),
+                                                file_name_suffix=features.TFRECORD_SUFFIX))
     (catalog
      | "SerializeItems" >> beam.Map(lambda r: ex.serialize_item(r.item_id, r.title, r.categories, r.description))
      | "WriteItems" >> beam.io.WriteToTFRecord(_path(config, features.ITEMS_PREFIX), file_name_suffix=features.TFRECORD_SUFFIX))
@@ -179,9 +200,46 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig) -> None:
         T.count_elements(catalog, "accepted.items"),
         T.count_elements(users, "accepted.users"),
         T.count_elements(train, "examples.train"),
+        T.count_elements(valid, "examples.valid"),
         T.count_elements(eval_, "examples.eval"),
     ]
     counts | "FlattenCounts" >> beam.Flatten() | "Counts" >> T.WriteCounts(_path(config, COUNTS_FILE))
+
+
+def pick_cutoffs(quantiles, policy: ex.ExamplePolicy, cutoff_quantile: Optional[float],
+                 valid_cutoff_quantile: Optional[float]) -> tuple:
+    """(valid_cutoff, cutoff) of a global-cutoff split from the interactions'
+    time quantiles (sorted, ~1000 of them).
+
+    cutoff: policy.cutoff, else the `cutoff_quantile` quantile. valid_cutoff:
+    policy.valid_cutoff, else the `valid_cutoff_quantile` quantile, else the
+    quantile that gives the validation period as many events as the test
+    period (2q - 1 for a test cutoff at quantile q). Raises ValueError when
+    the validation period would be empty.
+    """
+    qs = [int(q) for q in quantiles]
+    if not qs:
+        return (policy.valid_cutoff or 0, policy.cutoff or 0)
+
+    def at(q):
+        return qs[min(len(qs) - 1, max(0, round(q * (len(qs) - 1))))]
+
+    cutoff = policy.cutoff if policy.cutoff is not None else at(cutoff_quantile)
+    if policy.valid_cutoff is not None:
+        valid_cutoff = policy.valid_cutoff
+    else:
+        q = valid_cutoff_quantile
+        if q is None:
+            test_q = cutoff_quantile if policy.cutoff is None else bisect.bisect_left(qs, cutoff) / max(len(qs) - 1, 1)
+            q = 2.0 * test_q - 1.0
+            if q <= 0.0:
+                raise ValueError(f"the test period starts at quantile {test_q:.3f} of time: no room for a validation "
+                                 "period as long before it; pass --valid-cutoff or --valid-cutoff-quantile")
+        valid_cutoff = at(q)
+    if valid_cutoff >= cutoff:
+        raise ValueError(f"the validation cutoff {valid_cutoff} is not earlier than the test cutoff {cutoff}: "
+                         "the validation period would be empty; pass an earlier --valid-cutoff/--valid-cutoff-quantile")
+    return int(valid_cutoff), int(cutoff)
 
 
 def _write_single(pcoll, path: str, label: str) -> None:
@@ -192,7 +250,8 @@ def _write_single(pcoll, path: str, label: str) -> None:
 # --- Driver -----------------------------------------------------------------
 
 OUTPUT_GLOBS = (
-    features.TRAIN_PATTERN, features.EVAL_PATTERN, features.ITEMS_PATTERN, features.USERS_FILE,
+    features.TRAIN_PATTERN, features.VALID_PATTERN, features.EVAL_PATTERN, features.EVENTS_PATTERN,
+    features.ITEMS_PATTERN, features.USERS_FILE,
     features.VOCAB_DIR + "/*", features.DEAD_LETTER_DIR + "/*", features.STATS_FILE, features.METADATA_FILE, COUNTS_FILE,
 )
 
@@ -230,17 +289,24 @@ def compose_stats(counts: dict) -> dict:
         stats["balanced"] &= balanced
     stats["users"] = counts.get("users_with_examples", 0)
     stats["users_without_eval"] = counts.get("users_without_eval", 0)
+    stats["users_without_valid"] = counts.get("users_without_valid", 0)
     stats["items"] = counts.get("accepted.items", 0)
-    stats["examples"] = {ex.TRAIN: counts.get("examples.train", 0), ex.EVAL: counts.get("examples.eval", 0)}
+    stats["examples"] = {s: counts.get(f"examples.{s}", 0) for s in ex.SPLIT_NAMES}
+    # Events per period: the training and validation periods' are in events-*, the test period's are
+    # exactly the eval examples.
+    stats["events"] = {ex.TRAIN: counts.get("events.train", 0), ex.VALID: counts.get("events.valid", 0),
+                       ex.EVAL: counts.get("examples.eval", 0)}
     stats["examples_skipped_min_history"] = counts.get("examples_skipped_min_history", 0)
-    if "value.cutoff" in counts:
-        stats["cutoff"] = counts["value.cutoff"]
+    for key in ("cutoff", "valid_cutoff"):
+        if f"value.{key}" in counts:
+            stats[key] = counts[f"value.{key}"]
     return stats
 
 
 def written_files(output_dir: str) -> dict:
     groups = {
-        "train": features.TRAIN_PATTERN, "eval": features.EVAL_PATTERN, "items": features.ITEMS_PATTERN,
+        "train": features.TRAIN_PATTERN, "valid": features.VALID_PATTERN, "eval": features.EVAL_PATTERN,
+        "events": features.EVENTS_PATTERN, "items": features.ITEMS_PATTERN,
         "users": features.USERS_FILE, "vocab": features.VOCAB_DIR + "/*", "dead_letter": features.DEAD_LETTER_DIR + "/*",
         "stats": features.STATS_FILE, "metadata": features.METADATA_FILE,
     }
@@ -269,8 +335,11 @@ def run(config: PreprocessConfig, beam_args: Sequence[str] = ()) -> PreprocessSu
     counts = json.loads(outputs.read_text(counts_path))
     FileSystems.delete([counts_path])
     stats = compose_stats(counts)
+    # Every accepted interaction is one event of exactly one period (train, valid, or a test example).
+    stats["balanced"] &= sum(stats["events"].values()) == stats["rows"].get("interactions", {}).get("accepted", 0)
     if not stats["balanced"]:
-        raise RuntimeError(f"row accounting does not balance (a segrec bug): {json.dumps(stats['rows'])}")
+        raise RuntimeError(f"row accounting does not balance (a segrec bug): {json.dumps(stats['rows'])}, "
+                           f"events per period {json.dumps(stats['events'])}")
     outputs.write_text(_path(config, features.STATS_FILE), json.dumps(stats, indent=2, sort_keys=True) + "\n")
     outputs.write_text(_path(config, features.METADATA_FILE), json.dumps(_metadata(config, stats, runner, seconds), indent=2) + "\n")
     return PreprocessSummary(config.output_dir, stats, written_files(config.output_dir), seconds)
@@ -278,8 +347,9 @@ def run(config: PreprocessConfig, beam_args: Sequence[str] = ()) -> PreprocessSu
 
 def _metadata(config: PreprocessConfig, stats: dict, runner: str, seconds: float) -> dict:
     policy = dataclasses.asdict(config.policy)
-    if "cutoff" in stats:
-        policy["cutoff"] = stats["cutoff"]
+    for key in ("cutoff", "valid_cutoff"):
+        if key in stats:
+            policy[key] = stats[key]
     return {
         "schema_version": features.SCHEMA_VERSION,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -289,6 +359,17 @@ def _metadata(config: PreprocessConfig, stats: dict, runner: str, seconds: float
         },
         "split": policy,
         "cutoff_quantile": config.cutoff_quantile,
+        "valid_cutoff_quantile": config.valid_cutoff_quantile,
+        # What each split is for, and which events its queries see (trainer.data.examples.VISIBLE_SPLITS).
+        "splits": {
+            ex.TRAIN: {"role": "fitting", "queries_see": list(ex.VISIBLE_SPLITS[ex.TRAIN])},
+            ex.VALID: {"role": "validation: early stopping, best checkpoint, K, beta, baseline hyper-parameters",
+                       "queries_see": list(ex.VISIBLE_SPLITS[ex.VALID])},
+            ex.EVAL: {"role": "test: read once, by segrec evaluate", "queries_see": list(ex.VISIBLE_SPLITS[ex.EVAL])},
+        },
+        # The repeat rule: "exclude" ranks every query without the items the user consumed before it
+        # (repeat targets reported apart); "allow" removes nothing (trainer.data.examples.repeat_exclusion).
+        "repeats": config.repeats,
         "filters": {
             "min_user_interactions": config.min_user_interactions,
             "min_item_interactions": config.min_item_interactions,
@@ -314,7 +395,8 @@ def format_summary(summary: PreprocessSummary) -> str:
         for reason, n in s["filtered"].get(kind, {}).items():
             lines.append(f"      filtered {reason}: {n:,}")
     lines.append(f"  users with examples {s['users']:,}   items in catalog {s['items']:,}")
-    lines.append(f"  examples: train {s['examples']['train']:,}   eval {s['examples']['eval']:,}")
+    lines.append(f"  examples: train {s['examples']['train']:,}   valid {s['examples']['valid']:,}   "
+                 f"eval (test) {s['examples']['eval']:,}")
     for name, paths in summary.files.items():
         if paths:
             where = paths[0] if len(paths) == 1 else f"{posixpath.dirname(paths[0])}/ ({len(paths)} files)"

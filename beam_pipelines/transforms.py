@@ -9,6 +9,7 @@ into stats.json. Beam Metrics counters mirror the counts for live monitoring
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -18,13 +19,16 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
 from beam_pipelines.sources import files, readers, records, source_spec
+from trainer import features
 from trainer.data import examples as ex
 
 DEAD = "dead_letter"
 COUNTS = "counts"
 CATALOG = "catalog"
 TRAIN = ex.TRAIN
+VALID = ex.VALID
 EVAL = ex.EVAL
+EVENTS = "events"
 
 NAMESPACE = "segrec.preprocess"
 PROGRESS_EVERY = 100_000
@@ -199,10 +203,12 @@ class JoinCatalog(beam.DoFn):
 
 
 class BuildExamples(beam.DoFn):
-    """(user_id, {interactions, users}) -> TRAIN / EVAL example dicts.
+    """(user_id, {interactions, users}) -> TRAIN / VALID / EVAL example dicts,
+    and the user's EVENTS record (training- and validation-period events).
 
-    Side inputs: `titles` (item_id -> title) for user_text, and `cutoff`
-    (a global-cutoff timestamp, or None) for the split.
+    Side inputs: `titles` (item_id -> title) for user_text, and `cutoffs`
+    ((valid_cutoff, cutoff) timestamps of a global-cutoff split computed by
+    the pipeline, or None) for the split.
     """
 
     def __init__(self, policy: ex.ExamplePolicy, min_user_interactions: int):
@@ -210,7 +216,7 @@ class BuildExamples(beam.DoFn):
         self._min_user = min_user_interactions
         self._users = Metrics.counter(NAMESPACE, "users_with_examples")
 
-    def process(self, element, titles, cutoff=None):
+    def process(self, element, titles, cutoffs=None):
         user_id, grouped = element
         inters = list(grouped["interactions"])
         users = list(grouped["users"])
@@ -220,22 +226,29 @@ class BuildExamples(beam.DoFn):
             yield tagged_count(f"filtered.{USER_MIN_INTERACTIONS}", len(inters))
             return
         policy = self._policy
-        if cutoff is not None and policy.split == ex.GLOBAL_CUTOFF and policy.cutoff is None:
-            policy = ex.ExamplePolicy(**{**policy.__dict__, "cutoff": int(cutoff)})
+        if cutoffs is not None and policy.split == ex.GLOBAL_CUTOFF:
+            policy = dataclasses.replace(policy, valid_cutoff=int(cutoffs[0]), cutoff=int(cutoffs[1]))
         attributes = users[0].attribute_dict() if users else {}
         events = [ex.Event(r.item_id, r.timestamp, r.weight) for r in inters]
         built, skipped = ex.build_user_examples(user_id, events, attributes, titles, policy)
+        record = ex.events_record(user_id, events, policy)
         yield tagged_count("accepted.interactions", len(inters))
         if skipped:
             yield tagged_count("examples_skipped_min_history", skipped)
-        n_train = sum(1 for split, _ in built if split == TRAIN)
-        n_eval = len(built) - n_train
+        n_split = {split: sum(1 for s, _ in built if s == split) for split in (TRAIN, VALID, EVAL)}
         yield tagged_count("users_with_examples")
-        if n_eval == 0:
+        if n_split[EVAL] == 0:
             yield tagged_count("users_without_eval")
+        if n_split[VALID] == 0:
+            yield tagged_count("users_without_valid")
+        for split in (TRAIN, VALID):
+            n = record[features.EVENT_SPLITS].count(split)
+            if n:
+                yield tagged_count(f"events.{split}", n)
         self._users.inc()
         for split, example in built:
             yield pvalue.TaggedOutput(split, example)
+        yield pvalue.TaggedOutput(EVENTS, record)
 
 
 class ReadSource(beam.PTransform):

@@ -61,13 +61,17 @@ def test_ml100k_every_row_accounted_for(ml100k_dataset):
     assert stats["rows"]["interactions"]["read"] == 100_000
     assert stats["rows"]["interactions"]["accepted"] == 100_000
     assert stats["users"] == 943 and stats["items"] == 1682
-    # Leave-last-1: one eval example per user, every other interaction trains.
-    assert stats["examples"] == {"train": 100_000 - 943, "eval": 943}
+    # Leave-last-1: one test (eval) and one validation example per user (each has >= 20 ratings), every
+    # other interaction trains; every interaction is one event of exactly one period.
+    assert stats["examples"] == {"train": 100_000 - 2 * 943, "valid": 943, "eval": 943}
+    assert stats["events"] == {"train": 100_000 - 2 * 943, "valid": 943, "eval": 943}
+    assert stats["users_without_valid"] == 0 and stats["users_without_eval"] == 0
     assert len((ml100k_dataset / F.ITEM_VOCAB).read_text().split()) == 1682
     assert len((ml100k_dataset / F.USER_VOCAB).read_text().split()) == 943
     assert len((ml100k_dataset / F.USERS_FILE).read_text().splitlines()) == 943
     meta = json.loads((ml100k_dataset / F.METADATA_FILE).read_text())
     assert meta["schema_version"] == F.SCHEMA_VERSION and meta["split"]["split"] == ex.LEAVE_LAST_N
+    assert meta["repeats"] == "exclude" and meta["splits"]["eval"]["queries_see"] == ["train", "valid"]
 
 
 @pytest.mark.slow
@@ -79,9 +83,10 @@ def test_ml100k_history_strictly_before_target_and_eval_is_last(ml100k, ml100k_d
     for r in rows:
         last_time[r.user_id] = max(last_time[r.user_id], r.timestamp)
     train = read_examples(str(ml100k_dataset / F.TRAIN_PATTERN))
+    valid = read_examples(str(ml100k_dataset / F.VALID_PATTERN))
     evals = read_examples(str(ml100k_dataset / F.EVAL_PATTERN))
-    assert len(train) == 99_057 and len(evals) == 943
-    for e in train + evals:
+    assert len(train) == 98_114 and len(valid) == 943 and len(evals) == 943
+    for e in train + valid + evals:
         for h in e[F.HISTORY_ITEM_IDS]:
             assert first[(e[F.USER_ID], h)] < e[F.TIMESTAMP]
         assert len(e[F.HISTORY_ITEM_IDS]) <= F.MAX_HISTORY
@@ -92,24 +97,75 @@ def test_ml100k_history_strictly_before_target_and_eval_is_last(ml100k, ml100k_d
     assert not [e for e in train if eval_item.get(e[F.USER_ID]) in e[F.HISTORY_ITEM_IDS]]
 
 
+@pytest.mark.slow
+def test_ml100k_validation_holds_no_test_item_and_no_later_event(ml100k, ml100k_dataset):
+    """On the real MovieLens 100K: each user's validation example is their second-to-last event, its
+    query sees only the training period, and nothing of the test period is in the validation split or
+    the event log; test queries see the validation item."""
+    spec = readers.movielens_100k_sources(str(ml100k))[0]
+    rows = [readers.parse_row(spec, r) for r in files.iter_raw_rows(spec, spec.path)]
+    timeline = collections.defaultdict(list)
+    for r in rows:
+        timeline[r.user_id].append((r.timestamp, r.item_id))
+    for events in timeline.values():
+        events.sort()
+    train = read_examples(str(ml100k_dataset / F.TRAIN_PATTERN))
+    valid = {e[F.USER_ID]: e for e in read_examples(str(ml100k_dataset / F.VALID_PATTERN))}
+    test = {e[F.USER_ID]: e for e in read_examples(str(ml100k_dataset / F.EVAL_PATTERN))}
+    assert set(valid) == set(test) == set(timeline)
+    for user, events in timeline.items():
+        v, t = valid[user], test[user]
+        (v_time, v_item), (t_time, t_item) = events[-2], events[-1]
+        assert (v[F.TIMESTAMP], v[F.ITEM_ID]) == (v_time, v_item) and (t[F.TIMESTAMP], t[F.ITEM_ID]) == (t_time, t_item)
+        # No test item and no event at or after the validation target in the validation query.
+        assert t_item not in v[F.HISTORY_ITEM_IDS] and v_item not in v[F.HISTORY_ITEM_IDS]
+        allowed = {i for ts, i in events[:-2] if ts < v_time}
+        assert set(v[F.HISTORY_ITEM_IDS]) <= allowed
+        assert v[F.TIMESTAMP] <= t[F.TIMESTAMP]
+        # The test query sees the validation period (when it is strictly earlier).
+        if v_time < t_time:
+            assert t[F.HISTORY_ITEM_IDS][0] == v_item
+    # Training examples hold no validation or test target, and no training query sees one.
+    later = {(u, valid[u][F.ITEM_ID]) for u in valid} | {(u, test[u][F.ITEM_ID]) for u in test}
+    assert not [e for e in train if (e[F.USER_ID], e[F.ITEM_ID]) in later]
+    assert not [e for e in train if any((e[F.USER_ID], h) in later for h in e[F.HISTORY_ITEM_IDS])]
+    # The event log holds the training and validation periods only: exactly everything but the test events.
+    from trainer.data import arrays as da
+
+    log = da.load_events(str(ml100k_dataset))
+    assert len(log) == 100_000 - 943 and set(log.splits) == {"train", "valid"}
+    assert not {(u, i, t) for u, i, t in zip(log.user_ids, log.item_ids, log.timestamps)} & \
+        {(u, e[F.ITEM_ID], e[F.TIMESTAMP]) for u, e in test.items()}
+    assert {(u, i) for u, i, s in zip(log.user_ids, log.item_ids, log.splits) if s == "valid"} == \
+        {(u, e[F.ITEM_ID]) for u, e in valid.items()}
+
+
 def test_generated_global_cutoff_keeps_eval_period_out_of_training(tiny_generated, tmp_path):
     out = tmp_path / "ds"
     code = cli.main(["preprocess", "--input-dir", str(tiny_generated), "--output-dir", str(out),
                      "--split", "global_cutoff", "--cutoff-quantile", "0.8"])
     assert code == 0
     stats = json.loads((out / F.STATS_FILE).read_text())
-    cutoff = stats["cutoff"]
+    cutoff, valid_cutoff = stats["cutoff"], stats["valid_cutoff"]
     train = read_examples(str(out / F.TRAIN_PATTERN))
+    valid = read_examples(str(out / F.VALID_PATTERN))
     evals = read_examples(str(out / F.EVAL_PATTERN))
-    assert train and evals
-    assert max(e[F.TIMESTAMP] for e in train) < cutoff <= min(e[F.TIMESTAMP] for e in evals)
+    assert train and valid and evals
+    assert max(e[F.TIMESTAMP] for e in train) < valid_cutoff <= min(e[F.TIMESTAMP] for e in valid)
+    assert max(e[F.TIMESTAMP] for e in valid) < cutoff <= min(e[F.TIMESTAMP] for e in evals)
     spec = readers.generic_sources(str(tiny_generated / "interactions.csv"), str(tiny_generated / "items.csv"))[0]
     first = earliest_times(readers.parse_row(spec, r) for r in files.iter_raw_rows(spec, spec.path))
-    for e in train + evals:
+    # Training and validation queries see the training period; test queries the training and validation periods.
+    for e in train + valid:
+        assert all(first[(e[F.USER_ID], h)] < min(e[F.TIMESTAMP], valid_cutoff) for h in e[F.HISTORY_ITEM_IDS])
+    for e in evals:
         assert all(first[(e[F.USER_ID], h)] < min(e[F.TIMESTAMP], cutoff) for h in e[F.HISTORY_ITEM_IDS])
-    # About 20% of the interactions are at or after the 0.8 quantile of time.
-    assert 0.1 < len(evals) / (len(train) + len(evals)) < 0.3
-    assert json.loads((out / F.METADATA_FILE).read_text())["split"]["cutoff"] == cutoff
+    # About 20% of the interactions are at or after the 0.8 quantile of time, and by default as many
+    # in the validation period before it (from the 0.6 quantile).
+    n = len(train) + len(valid) + len(evals)
+    assert 0.1 < len(evals) / n < 0.3 and 0.1 < len(valid) / n < 0.3
+    meta = json.loads((out / F.METADATA_FILE).read_text())
+    assert meta["split"]["cutoff"] == cutoff and meta["split"]["valid_cutoff"] == valid_cutoff
 
 
 def test_leave_last_n_and_max_examples_per_user(tiny_generated, tmp_path):
@@ -117,11 +173,17 @@ def test_leave_last_n_and_max_examples_per_user(tiny_generated, tmp_path):
     assert cli.main(["preprocess", "--input-dir", str(tiny_generated), "--output-dir", str(out),
                      "--leave-last-n", "2", "--max-examples-per-user", "3"]) == 0
     train = read_examples(str(out / F.TRAIN_PATTERN))
+    valid = read_examples(str(out / F.VALID_PATTERN))
     evals = read_examples(str(out / F.EVAL_PATTERN))
     per_user_eval = collections.Counter(e[F.USER_ID] for e in evals)
+    per_user_valid = collections.Counter(e[F.USER_ID] for e in valid)
     per_user_train = collections.Counter(e[F.USER_ID] for e in train)
-    assert set(per_user_eval.values()) == {2}
+    assert set(per_user_eval.values()) == {2} and set(per_user_valid.values()) == {2}
+    assert set(per_user_valid) <= set(per_user_eval)
     assert max(per_user_train.values()) == 3
+    # --max-examples-per-user thins the training examples, never the event log the baselines fit on.
+    stats = json.loads((out / F.STATS_FILE).read_text())
+    assert stats["events"]["train"] > stats["examples"]["train"] == len(train)
 
 
 def test_existing_output_needs_overwrite(tiny_generated, tmp_path, capsys):
@@ -168,7 +230,7 @@ def test_multi_process_direct_runner_gives_the_same_dataset(tiny_generated, tmp_
     assert cli.main(base + ["--output-dir", str(multi), "--direct_num_workers", "2",
                             "--direct_running_mode", "multi_processing"]) == 0
     key = lambda e: (e[F.USER_ID], e[F.TIMESTAMP], e[F.ITEM_ID])  # noqa: E731
-    for pattern in (F.TRAIN_PATTERN, F.EVAL_PATTERN):
+    for pattern in (F.TRAIN_PATTERN, F.VALID_PATTERN, F.EVAL_PATTERN):
         a = sorted(read_examples(str(single / pattern)), key=key)
         b = sorted(read_examples(str(multi / pattern)), key=key)
         assert a == b
@@ -212,7 +274,8 @@ def test_bad_rows_fixture_dead_letters_each_and_totals_balance(tmp_path):
     assert rows["users"]["read"] == 6 and rows["users"]["accepted"] == 3 and rows["users"]["dead_lettered"] == 3
     assert stats["dead_letter"]["interactions"] == {
         "bad_encoding": 1, "bad_number": 1, "bad_timestamp": 1, "malformed_row": 1, "missing_field": 1, "unknown_item": 1}
-    # Every good interaction arrived as an example (train or eval).
-    examples = read_examples(str(out / F.TRAIN_PATTERN)) + read_examples(str(out / F.EVAL_PATTERN))
+    # Every good interaction arrived as an example (train, valid or eval).
+    examples = [e for pattern in (F.TRAIN_PATTERN, F.VALID_PATTERN, F.EVAL_PATTERN)
+                for e in read_examples(str(out / pattern))]
     assert len(examples) == 4
     assert "i_unknown" not in {e[F.ITEM_ID] for e in examples}

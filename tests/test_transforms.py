@@ -88,13 +88,20 @@ def test_build_examples_uses_titles_and_profile_and_applies_user_minimum():
         titles_pc = p | "Titles" >> beam.Create(list(titles.items()))
         out = p | beam.Create(grouped) | beam.ParDo(
             T.BuildExamples(ex.ExamplePolicy(), min_user_interactions=2), titles=beam.pvalue.AsDict(titles_pc)
-        ).with_outputs(T.TRAIN, T.EVAL, T.COUNTS)
+        ).with_outputs(T.TRAIN, T.VALID, T.EVAL, T.EVENTS, T.COUNTS)
         assert_that(out[T.TRAIN] | beam.Map(lambda e: (e[F.ITEM_ID], tuple(e[F.HISTORY_ITEM_IDS]))),
-                    equal_to([("i1", ()), ("i2", ("i1",))]), label="train")
+                    equal_to([("i1", ())]), label="train")
+        assert_that(out[T.VALID] | beam.Map(lambda e: (e[F.ITEM_ID], tuple(e[F.HISTORY_ITEM_IDS]))),
+                    equal_to([("i2", ("i1",))]), label="valid")
+        # The test query sees the training and validation periods.
         assert_that(out[T.EVAL] | beam.Map(lambda e: (e[F.ITEM_ID], e[F.USER_TEXT])),
                     equal_to([("i3", "user: age 30. recent: Two; One.")]), label="eval")
+        assert_that(out[T.EVENTS] | beam.Map(lambda r: (r[F.USER_ID], tuple(r[F.EVENT_ITEM_IDS]),
+                                                         tuple(r[F.EVENT_SPLITS]))),
+                    equal_to([("u1", ("i1", "i2"), ("train", "valid"))]), label="events")
         assert_that(out[T.COUNTS] | beam.CombinePerKey(sum), equal_to([
-            ("accepted.interactions", 3), ("users_with_examples", 1), ("filtered.user_min_interactions", 1)]),
+            ("accepted.interactions", 3), ("users_with_examples", 1), ("filtered.user_min_interactions", 1),
+            ("events.train", 1), ("events.valid", 1)]),
             label="counts")
 
 

@@ -8,9 +8,11 @@ parse rows stay light); the `*_spec()` helpers import it when called.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+# 2: a validation split (valid-*) and the per-user event log (events-*) beside
+# train-*/eval-*; metadata.json records the split policy and the repeat rule.
+SCHEMA_VERSION = 2
 
-# --- Query/positive examples (train-*.tfrecord.gz, eval-*.tfrecord.gz) -------
+# --- Query/positive examples (train-*, valid-*, eval-*.tfrecord.gz) ---------
 USER_ID = "user_id"  # bytes, the raw user id
 USER_TEXT = "user_text"  # bytes, profile + most recent item titles
 HISTORY_ITEM_IDS = "history_item_ids"  # bytes list, most recent first, bounded
@@ -19,6 +21,19 @@ TIMESTAMP = "timestamp"  # int64, epoch seconds of the target interaction
 WEIGHT = "weight"  # float, the example weight
 
 EXAMPLE_FEATURES = (USER_ID, USER_TEXT, HISTORY_ITEM_IDS, ITEM_ID, TIMESTAMP, WEIGHT)
+
+# --- Per-user event log (events-*.tfrecord.gz) --------------------------------
+# One tf.Example per user: every accepted event of the training and validation
+# periods, oldest first, with the split it fell in (the test period's events
+# are the eval-* examples' targets, and nothing else holds them, so training
+# never reads a test event). What a user consumed before a query, and every
+# training interaction the baselines are fitted on, come from here.
+# USER_ID as above.
+EVENT_ITEM_IDS = "event_item_ids"  # bytes list, the consumed items, oldest first
+EVENT_TIMESTAMPS = "event_timestamps"  # int64 list, epoch seconds, same order
+EVENT_SPLITS = "event_splits"  # bytes list, "train" | "valid" per event
+
+EVENT_FEATURES = (USER_ID, EVENT_ITEM_IDS, EVENT_TIMESTAMPS, EVENT_SPLITS)
 
 # --- Item catalog (items-*.tfrecord.gz) -------------------------------------
 # ITEM_ID as above.
@@ -44,13 +59,21 @@ TEXT_HISTORY = 5  # recent item titles folded into user_text
 PAD_ITEM_ID = ""  # padding value of history_item_ids in dense batches
 
 # --- Dataset dir layout -------------------------------------------------------
+# Splits: train (fitting), valid (everything tuned is chosen here: early
+# stopping, best checkpoint, K, beta, baseline hyper-parameters) and eval (the
+# test split: read once, by `segrec evaluate`; the name is kept from schema 1).
 TRAIN_PREFIX = "train"
+VALID_PREFIX = "valid"
 EVAL_PREFIX = "eval"
 ITEMS_PREFIX = "items"
+EVENTS_PREFIX = "events"
 TFRECORD_SUFFIX = ".tfrecord.gz"
 TRAIN_PATTERN = TRAIN_PREFIX + "-*" + TFRECORD_SUFFIX
+VALID_PATTERN = VALID_PREFIX + "-*" + TFRECORD_SUFFIX
 EVAL_PATTERN = EVAL_PREFIX + "-*" + TFRECORD_SUFFIX
 ITEMS_PATTERN = ITEMS_PREFIX + "-*" + TFRECORD_SUFFIX
+EVENTS_PATTERN = EVENTS_PREFIX + "-*" + TFRECORD_SUFFIX
+SPLIT_PATTERNS = {TRAIN_PREFIX: TRAIN_PATTERN, VALID_PREFIX: VALID_PATTERN, EVAL_PREFIX: EVAL_PATTERN}
 USERS_FILE = "users.jsonl"  # user_id + profile attributes, for segment profiles
 VOCAB_DIR = "vocab"
 USER_VOCAB = "vocab/user_ids.txt"  # one id a line, by training frequency
@@ -73,6 +96,18 @@ def example_feature_spec() -> dict:
         ITEM_ID: tf.io.FixedLenFeature([], tf.string),
         TIMESTAMP: tf.io.FixedLenFeature([], tf.int64, default_value=0),
         WEIGHT: tf.io.FixedLenFeature([], tf.float32, default_value=1.0),
+    }
+
+
+def event_feature_spec() -> dict:
+    """Parsing spec of one user's event log (events-*.tfrecord.gz)."""
+    import tensorflow as tf
+
+    return {
+        USER_ID: tf.io.FixedLenFeature([], tf.string),
+        EVENT_ITEM_IDS: tf.io.RaggedFeature(tf.string),
+        EVENT_TIMESTAMPS: tf.io.RaggedFeature(tf.int64),
+        EVENT_SPLITS: tf.io.RaggedFeature(tf.string),
     }
 
 

@@ -92,10 +92,21 @@ def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output-dir")
 
     ex = p.add_argument_group("examples and split")
-    ex.add_argument("--split", default="leave_last_n", choices=("leave_last_n", "global_cutoff"))
-    ex.add_argument("--leave-last-n", type=int, default=1, help="eval targets per user (default 1)")
-    ex.add_argument("--cutoff", type=int, help="global_cutoff: epoch second where eval starts")
-    ex.add_argument("--cutoff-quantile", type=float, help="global_cutoff: put the cutoff at this quantile of time")
+    ex.add_argument("--split", default="leave_last_n", choices=("leave_last_n", "global_cutoff"),
+                    help="temporal split into train / valid / eval (test) (default leave_last_n)")
+    ex.add_argument("--leave-last-n", type=int, default=1,
+                    help="leave_last_n: test targets per user, and as many validation targets before them (default 1)")
+    ex.add_argument("--cutoff", type=int, help="global_cutoff: epoch second where the test period starts")
+    ex.add_argument("--cutoff-quantile", type=float, help="global_cutoff: put the test cutoff at this quantile of time")
+    ex.add_argument("--valid-cutoff", type=int, help="global_cutoff: epoch second where the validation period starts")
+    ex.add_argument("--valid-cutoff-quantile", type=float,
+                    help="global_cutoff: put the validation cutoff at this quantile of time (default: a validation "
+                         "period with as many events as the test period, 2q-1 for --cutoff-quantile q)")
+    ex.add_argument("--repeats", default="exclude", choices=("exclude", "allow"),
+                    help="items the user already consumed: exclude (every query is ranked without them; targets "
+                         "the user already consumed are reported apart) or allow (nothing removed). Recorded in "
+                         "metadata.json for training, evaluation and serving (default exclude, right for "
+                         "MovieLens-like data where an item is consumed once)")
     add_query_args(ex)
     ex.add_argument("--max-examples-per-user", type=int, default=0, help="most recent train cut points per user (0: all)")
     ex.add_argument("--min-history", type=int, default=0, help="skip train targets with fewer history items")
@@ -190,7 +201,7 @@ def preprocess_config(args: argparse.Namespace):
     from trainer.data import examples
 
     policy_args = dict(split=args.split, leave_last_n=args.leave_last_n, cutoff=args.cutoff,
-                       max_examples_per_user=args.max_examples_per_user, min_history=args.min_history)
+                       valid_cutoff=args.valid_cutoff, max_examples_per_user=args.max_examples_per_user, min_history=args.min_history)
     if args.max_history is not None:
         policy_args["max_history"] = args.max_history
     if args.text_history is not None:
@@ -201,6 +212,8 @@ def preprocess_config(args: argparse.Namespace):
         source_name=args.source,
         policy=examples.ExamplePolicy(**policy_args),
         cutoff_quantile=args.cutoff_quantile,
+        valid_cutoff_quantile=args.valid_cutoff_quantile,
+        repeats=args.repeats,
         min_user_interactions=args.min_user_interactions,
         min_item_interactions=args.min_item_interactions,
         min_rating=args.min_rating,

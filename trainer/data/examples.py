@@ -1,15 +1,18 @@
 """Query features and (query, positive) examples, built the same way everywhere.
 
-Preprocessing builds training/eval examples with these functions; batch
-scoring and the frontend build a user's query features with the very same
-`user_text` and `history_for` so that what the model sees at serving time is
-what it was trained on. Pure Python: no Beam, no TensorFlow at import.
+Preprocessing builds training/validation/test examples with these functions;
+batch scoring and the frontend build a user's query features with the very
+same `user_text` and `history_for` so that what the model sees at serving
+time is what it was trained on. The repeat rule (`repeat_exclusion`) says
+which already-consumed items a query is ranked without; train-time recall,
+`segrec evaluate` and every baseline apply it through this one function.
+Pure Python: no Beam, no TensorFlow at import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Collection, Iterable, Mapping, Optional, Sequence
 
 from trainer import features
 
@@ -18,16 +21,32 @@ LEAVE_LAST_N = "leave_last_n"
 GLOBAL_CUTOFF = "global_cutoff"
 SPLITS = (LEAVE_LAST_N, GLOBAL_CUTOFF)
 
-TRAIN = "train"
-EVAL = "eval"
+# Split names (the dataset dir's file prefixes). EVAL is the test split.
+TRAIN = features.TRAIN_PREFIX
+VALID = features.VALID_PREFIX
+EVAL = features.EVAL_PREFIX
+SPLIT_NAMES = (TRAIN, VALID, EVAL)
+# The events a query of each split may see (strictly earlier than its
+# target): validation queries see the training period, test queries the
+# training and validation periods, so a test query knows everything that
+# happened before the test period.
+VISIBLE_SPLITS = {TRAIN: (TRAIN,), VALID: (TRAIN,), EVAL: (TRAIN, VALID)}
+
+# Repeat rules: what happens to items a user already consumed.
+REPEATS_EXCLUDE = "exclude"  # ranked without every item consumed before the query; repeat targets reported apart
+REPEATS_ALLOW = "allow"  # nothing removed: re-consumption is a legitimate recommendation
+REPEAT_RULES = (REPEATS_EXCLUDE, REPEATS_ALLOW)
+DEFAULT_REPEATS = REPEATS_EXCLUDE
 
 
 @dataclasses.dataclass(frozen=True)
 class ExamplePolicy:
     """How one user's timeline becomes examples.
 
-    split: LEAVE_LAST_N (the last `leave_last_n` events of each user are eval
-      targets) or GLOBAL_CUTOFF (events at or after `cutoff` are eval targets).
+    split: LEAVE_LAST_N (of each user's events, the last `leave_last_n` are
+      test (eval) targets and the `leave_last_n` before them validation
+      targets) or GLOBAL_CUTOFF (events at or after `cutoff` are test
+      targets, those in [valid_cutoff, cutoff) validation targets).
     max_history: history_item_ids kept per example, most recent first.
     text_history: recent item titles folded into user_text.
     max_examples_per_user: most recent training cut points kept per user
@@ -38,6 +57,7 @@ class ExamplePolicy:
     split: str = LEAVE_LAST_N
     leave_last_n: int = 1
     cutoff: Optional[int] = None
+    valid_cutoff: Optional[int] = None
     max_history: int = features.MAX_HISTORY
     text_history: int = features.TEXT_HISTORY
     max_examples_per_user: int = 0
@@ -52,6 +72,8 @@ class ExamplePolicy:
             raise ValueError("max_history must be >= 1 and text_history >= 0")
         if self.max_examples_per_user < 0 or self.min_history < 0:
             raise ValueError("max_examples_per_user and min_history must be >= 0")
+        if self.cutoff is not None and self.valid_cutoff is not None and self.valid_cutoff >= self.cutoff:
+            raise ValueError(f"valid_cutoff ({self.valid_cutoff}) must be earlier than cutoff ({self.cutoff})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,21 +133,73 @@ def sort_events(events: Iterable[Event]) -> list:
 
 
 def split_events(events: Sequence[Event], policy: ExamplePolicy) -> tuple:
-    """(train_events, eval_events) of one user's sorted timeline.
+    """(train_events, valid_events, eval_events) of one user's sorted timeline.
 
-    Leave-last-n: a user with n or fewer events has no eval target (all of
-    them train), so every eval query has at least one training event behind
-    it. Global cutoff: events at or after the cutoff are eval targets.
+    Leave-last-n (n = policy.leave_last_n): a user with more than 2n events
+    gets n test (eval) targets, the n events before them as validation
+    targets, and trains on the rest; a user with n+1..2n events gets test
+    targets but no validation target (the test population stays what it was
+    without a validation split); a user with n or fewer events only trains.
+    So every validation and test query has at least one training event
+    behind it.
+
+    Global cutoff: events at or after `cutoff` are test targets, those in
+    [valid_cutoff, cutoff) validation targets, earlier ones train. A user first
+    seen after a cutoff gets queries with no training history (cold users).
     """
     if policy.split == LEAVE_LAST_N:
         n = policy.leave_last_n
         if len(events) <= n:
-            return list(events), []
-        return list(events[:-n]), list(events[-n:])
-    cutoff = policy.cutoff
-    if cutoff is None:
-        raise ValueError("global_cutoff split needs a cutoff timestamp")
-    return [e for e in events if e.timestamp < cutoff], [e for e in events if e.timestamp >= cutoff]
+            return list(events), [], []
+        if len(events) <= 2 * n:
+            return list(events[:-n]), [], list(events[-n:])
+        return list(events[: -2 * n]), list(events[-2 * n : -n]), list(events[-n:])
+    cutoff, valid_cutoff = policy.cutoff, policy.valid_cutoff
+    if cutoff is None or valid_cutoff is None:
+        raise ValueError("the global_cutoff split needs a cutoff and a valid_cutoff timestamp")
+    return ([e for e in events if e.timestamp < valid_cutoff],
+            [e for e in events if valid_cutoff <= e.timestamp < cutoff],
+            [e for e in events if e.timestamp >= cutoff])
+
+
+def label_events(events: Sequence[Event], policy: ExamplePolicy) -> list:
+    """[(split, event)] of one user's timeline, oldest first (events-* records its train and valid events)."""
+    train, valid, test = split_events(sort_events(events), policy)
+    labelled = [(TRAIN, e) for e in train] + [(VALID, e) for e in valid] + [(EVAL, e) for e in test]
+    return sorted(labelled, key=lambda se: (se[1].timestamp, se[1].item_id, SPLIT_NAMES.index(se[0])))
+
+
+def visible_events(labelled: Sequence[tuple], split: str) -> list:
+    """The events of `labelled` [(split, event)] a query of `split` may see (any time; see VISIBLE_SPLITS)."""
+    seen = VISIBLE_SPLITS[split]
+    return [e for s, e in labelled if s in seen]
+
+
+def consumed_before(events: Sequence[Event], before: int) -> list:
+    """Every distinct item of `events` strictly earlier than `before`, most
+    recent first: the unbounded history (history_for keeps its first
+    max_history). What the repeat rule removes from the query's candidates.
+
+    events: sorted by (timestamp, item_id), already restricted to what the
+    query may see (visible_events).
+    """
+    return history_for(events, before, max_history=len(events) + 1)
+
+
+def repeat_exclusion(consumed: Collection[str], target: Optional[str], rule: str) -> tuple:
+    """The repeat rule for one query: (items to rank the query without, is_repeat).
+
+    consumed: everything the user consumed before the query (consumed_before,
+    plus the query's own history). is_repeat: the target is among them.
+    exclude: every consumed item (a repeat target's query is then not scored
+    in the main metrics, but reported on its own, ranked with nothing
+    removed); allow: nothing is removed.
+    """
+    if rule not in REPEAT_RULES:
+        raise ValueError(f"repeat rule must be one of {REPEAT_RULES}, got {rule!r}")
+    consumed = frozenset(consumed)
+    is_repeat = target is not None and target in consumed
+    return (consumed if rule == REPEATS_EXCLUDE else frozenset()), is_repeat
 
 
 def build_user_examples(
@@ -137,29 +211,46 @@ def build_user_examples(
 ) -> tuple:
     """All (split, example dict) of one user, and the number skipped.
 
-    events: the user's accepted events, any order. Eval queries see only the
-    user's training-period events (strictly earlier than their target), so
-    nothing from the eval period leaks into any query, train or eval.
+    events: the user's accepted events, any order. Every query sees only the
+    events its split may see (VISIBLE_SPLITS), strictly earlier than its
+    target: training and validation queries the training period, test
+    queries the training and validation periods. Nothing of a later period
+    leaks into any query.
 
     Returns (examples, skipped_min_history) where examples is a list of
-    (TRAIN|EVAL, dict with the features.EXAMPLE_FEATURES keys).
+    (TRAIN|VALID|EVAL, dict with the features.EXAMPLE_FEATURES keys).
     """
     events = sort_events(events)
-    train_events, eval_events = split_events(events, policy)
-    targets = [(TRAIN, i, e) for i, e in enumerate(train_events)]
+    train_events, valid_events, eval_events = split_events(events, policy)
+    targets = list(train_events)
     if policy.max_examples_per_user > 0:
         targets = targets[-policy.max_examples_per_user :]
     out, skipped = [], 0
-    for split, _, target in targets:
+    for target in targets:
         text, history = query_features(train_events, attributes, titles, policy, before=target.timestamp)
         if len(history) < policy.min_history:
             skipped += 1
             continue
-        out.append((split, _example(user_id, target, text, history)))
-    for target in eval_events:
-        text, history = query_features(train_events, attributes, titles, policy, before=target.timestamp)
-        out.append((EVAL, _example(user_id, target, text, history)))
+        out.append((TRAIN, _example(user_id, target, text, history)))
+    before_test = sort_events(train_events + valid_events)
+    for split, split_targets, seen in ((VALID, valid_events, train_events), (EVAL, eval_events, before_test)):
+        for target in split_targets:
+            text, history = query_features(seen, attributes, titles, policy, before=target.timestamp)
+            out.append((split, _example(user_id, target, text, history)))
     return out, skipped
+
+
+def events_record(user_id: str, events: Sequence[Event], policy: ExamplePolicy) -> dict:
+    """One user's events-* record: every event of the training and validation
+    periods, oldest first, with its split. The test period's events are the
+    user's eval examples and appear nowhere else."""
+    labelled = [(s, e) for s, e in label_events(events, policy) if s != EVAL]
+    return {
+        features.USER_ID: user_id,
+        features.EVENT_ITEM_IDS: [e.item_id for _, e in labelled],
+        features.EVENT_TIMESTAMPS: [int(e.timestamp) for _, e in labelled],
+        features.EVENT_SPLITS: [s for s, _ in labelled],
+    }
 
 
 def query_text(history: Sequence[str], attributes: Mapping[str, str], titles: Mapping[str, str],
@@ -213,6 +304,23 @@ def serialize_example(example: Mapping) -> bytes:
         features.ITEM_ID: b([example[features.ITEM_ID]]),
         features.TIMESTAMP: tf.train.Feature(int64_list=tf.train.Int64List(value=[example[features.TIMESTAMP]])),
         features.WEIGHT: tf.train.Feature(float_list=tf.train.FloatList(value=[example[features.WEIGHT]])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def serialize_events(record: Mapping) -> bytes:
+    """An events_record dict as a serialized tf.train.Example (features.EVENT_FEATURES)."""
+    import tensorflow as tf
+
+    def b(values):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode("utf-8") for v in values]))
+
+    feats = {
+        features.USER_ID: b([record[features.USER_ID]]),
+        features.EVENT_ITEM_IDS: b(record[features.EVENT_ITEM_IDS]),
+        features.EVENT_TIMESTAMPS: tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[int(t) for t in record[features.EVENT_TIMESTAMPS]])),
+        features.EVENT_SPLITS: b(record[features.EVENT_SPLITS]),
     }
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 

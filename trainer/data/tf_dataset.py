@@ -15,11 +15,12 @@ import tensorflow as tf
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 from trainer import features
+from trainer.data.arrays import missing_validation_message
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainer.model.text_encoder import TextCache
 
-SPLIT_PATTERNS = {"train": features.TRAIN_PATTERN, "eval": features.EVAL_PATTERN}
+SPLIT_PATTERNS = features.SPLIT_PATTERNS  # "train", "valid", "eval" (the test split)
 
 
 def _join(*parts: str) -> str:
@@ -152,7 +153,7 @@ def make_dataset(
     shuffle_buffer: int = 10_000,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of query/positive examples of `split` ("train" or "eval").
+    """Batches of query/positive examples of `split` ("train", "valid" or "eval").
 
     Each element is a dict (see `parse_examples`); with a `text_cache` it also
     holds USER_TEXT_VECTOR [B, hidden] float32, the cached pooled encoder
@@ -161,7 +162,7 @@ def make_dataset(
     """
     if split not in SPLIT_PATTERNS:
         raise ValueError(f"split must be one of {sorted(SPLIT_PATTERNS)}, got {split!r}")
-    files = _glob(dataset_dir, SPLIT_PATTERNS[split])
+    files = _split_files(dataset_dir, split)
     deterministic = seed is not None or not shuffle
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
@@ -192,12 +193,24 @@ def make_dataset(
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def distinct_user_texts(dataset_dir: str, splits: Sequence[str] = ("train", "eval")) -> list[str]:
-    """Every distinct USER_TEXT of the given splits, sorted (for TextCache)."""
+def _split_files(dataset_dir: str, split: str) -> list[str]:
+    if split == features.VALID_PREFIX and not tf.io.gfile.glob(_join(dataset_dir, SPLIT_PATTERNS[split])):
+        raise FileNotFoundError(missing_validation_message(dataset_dir))
+    return _glob(dataset_dir, SPLIT_PATTERNS[split])
+
+
+def distinct_user_texts(dataset_dir: str, splits: Optional[Sequence[str]] = None) -> list[str]:
+    """Every distinct USER_TEXT of the given splits, sorted (for TextCache).
+
+    splits: None = every split the dataset dir has. `segrec train` passes
+    ("train", "valid"): it never reads the test split.
+    """
     texts: set[str] = set()
     spec = {features.USER_TEXT: features.example_feature_spec()[features.USER_TEXT]}
+    if splits is None:
+        splits = [s for s, pat in SPLIT_PATTERNS.items() if tf.io.gfile.glob(_join(dataset_dir, pat))]
     for split in splits:
-        files = _glob(dataset_dir, SPLIT_PATTERNS[split])
+        files = _split_files(dataset_dir, split)
         ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096)
         for serialized in ds:
             parsed = tf.io.parse_example(serialized, spec)

@@ -7,17 +7,20 @@ query's held-out target plus the top items per query. All metrics are then
 computed from the ranks, so no model gets a different candidate set.
 
 Index conventions: users and items are integers 0..n_users-1 / 0..n_items-1;
-query q has a target item `targets[q]` and an exclude set `exclude[q]` (the
-user's training items), which is never ranked.
+query q has a target item `targets[q]` and an exclude set `exclude[q]` (what
+the repeat rule removes: `trainer.data.candidates.query_candidates`), which
+is never ranked. The target's rank is `trainer.data.candidates.target_ranks`,
+the very function train-time recall uses.
 
 Rules (the same for every model, so numbers are comparable):
 
 - Exclusion: excluded items are removed from the ranking (they neither
   outrank the target nor appear in the top items). The target itself is
-  NEVER excluded, even if it also occurs in the user's training items (a
-  re-watch): removing it would make the query unanswerable and silently
-  inflate nothing but noise, so `rank_targets` drops the target from the
-  exclude set of its own query.
+  never excluded from its own query: under the "exclude" repeat rule a query
+  whose target the user already consumed is not ranked in the main metrics
+  at all (`segrec evaluate` reports it in its own row, ranked with nothing
+  removed), so `rank_targets` only drops a target from its own exclude set
+  for callers that pass such sets by hand.
 - Ties: pessimistic by default. The target's rank is 1 + (#items scoring
   higher) + (#other items scoring equal), so a model that scores everything
   the same gets the worst rank, not the best. `ties="optimistic"` and
@@ -32,6 +35,8 @@ import dataclasses
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from trainer.data.candidates import target_ranks
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 
@@ -199,16 +204,8 @@ def rank_targets(
         excluded[rows_t, tgt] = False  # the target is never excluded
         scores[excluded] = -np.inf
 
-        t_score = scores[rows_t, tgt][:, None]
         valid = ~excluded
-        higher = np.count_nonzero((scores > t_score) & valid, axis=1)
-        equal = np.count_nonzero((scores == t_score) & valid, axis=1) - 1  # minus the target
-        if ties == "pessimistic":
-            ranks[start:stop] = 1 + higher + equal
-        elif ties == "optimistic":
-            ranks[start:stop] = 1 + higher
-        else:
-            ranks[start:stop] = 1 + higher + equal / 2.0
+        ranks[start:stop] = target_ranks(scores, tgt, valid, ties)
         n_candidates[start:stop] = np.count_nonzero(valid, axis=1)
         top_items[start:stop] = _top_items(scores, top_items.shape[1])
 
