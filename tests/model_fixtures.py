@@ -7,6 +7,7 @@ segment. Everything is seeded; writing takes well under a second.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections import Counter
@@ -47,6 +48,24 @@ def example(user_id, user_text, history, item_id, timestamp=0, weight=1.0) -> tf
     )
 
 
+def event_log(user_id, item_ids, timestamps, splits) -> tf.train.Example:
+    """One user's events-* record (features.EVENT_FEATURES)."""
+    return tf.train.Example(features=tf.train.Features(feature={
+        features.USER_ID: _bytes([user_id]),
+        features.EVENT_ITEM_IDS: _bytes(item_ids),
+        features.EVENT_TIMESTAMPS: tf.train.Feature(int64_list=tf.train.Int64List(value=list(timestamps))),
+        features.EVENT_SPLITS: _bytes(splits),
+    }))
+
+
+def write_events(root: str, users, name: str = "00000-of-00001") -> None:
+    """Writes events-<name>.tfrecord.gz: users = [(user_id, item_ids, timestamps, splits)]."""
+    path = os.path.join(root, f"{features.EVENTS_PREFIX}-{name}{features.TFRECORD_SUFFIX}")
+    with tf.io.TFRecordWriter(path, options="GZIP") as w:
+        for row in users:
+            w.write(event_log(*row).SerializeToString())
+
+
 def catalog_items() -> list[tuple[str, str, list[str]]]:
     """(item_id, title, categories) for the 24 items."""
     items = []
@@ -60,32 +79,49 @@ def user_group(user_index: int) -> str:
     return list(GROUPS)[user_index % len(GROUPS)]
 
 
-def write_dataset(root: str, users: int = 30, per_user: int = 5, seed: int = 0, shards: int = 2) -> str:
+def write_dataset(root: str, users: int = 30, per_user: int = 5, seed: int = 0, shards: int = 2,
+                  valid: bool = False, repeats: str = "exclude") -> str:
     """Writes a dataset dir under `root`; returns its path.
 
     Per user: `per_user` train examples then one eval example; the first
-    train example of every user has an empty history (cold start).
+    train example of every user has an empty history (cold start). With
+    `valid`, a validation example between them (the eval query then sees it
+    too, as preprocess builds it), the event log (events-*) and a
+    metadata.json naming the `repeats` rule - the schema-2 layout training and
+    evaluation need.
     """
     rng = random.Random(seed)
     items = catalog_items()
     title = {i: t for i, t, _ in items}
     by_group = {g: [i for i, _, c in items if c[0] == g] for g in GROUPS}
-    train, evals = [], []
+    train, valids, evals, events = [], [], [], []
     for u in range(users):
         g = user_group(u)
         uid = f"u{u}"
         # Distinct items: a repeat of a history item would be excluded at eval.
-        seq = rng.sample(by_group[g], per_user + 1)
+        seq = rng.sample(by_group[g], per_user + 1 + int(valid))
         age = 20 + rng.randrange(40)
         for t, target in enumerate(seq):
             history = list(reversed(seq[:t]))[: features.MAX_HISTORY]
             recent = "; ".join(title[i] for i in history[: features.TEXT_HISTORY])
             text = f"age {age}, {PROFILES[g]}. recent: {recent}"
             ex = example(uid, text, history, target, timestamp=1000 + t, weight=1.0 + (t % 2))
-            (evals if t == per_user else train).append((target, ex))
+            split = "train" if t < per_user else ("valid" if valid and t == per_user else "eval")
+            {"train": train, "valid": valids, "eval": evals}[split].append((target, ex))
+        if valid:
+            events.append((uid, seq[:-1], [1000 + t for t in range(len(seq) - 1)],
+                           ["train"] * per_user + ["valid"]))
 
     os.makedirs(os.path.join(root, features.VOCAB_DIR), exist_ok=True)
-    for prefix, rows in ((features.TRAIN_PREFIX, train), (features.EVAL_PREFIX, evals)):
+    if valid:
+        write_events(root, events)
+        with open(os.path.join(root, features.METADATA_FILE), "w") as f:
+            json.dump({"schema_version": features.SCHEMA_VERSION, "repeats": repeats,
+                       "source": {"name": "model_fixtures", "inputs": []}}, f)
+    for prefix, rows in ((features.TRAIN_PREFIX, train), (features.VALID_PREFIX, valids),
+                         (features.EVAL_PREFIX, evals)):
+        if not rows:
+            continue
         for s in range(shards):
             path = os.path.join(root, f"{prefix}-{s:05d}-of-{shards:05d}{features.TFRECORD_SUFFIX}")
             with tf.io.TFRecordWriter(path, options="GZIP") as w:
@@ -145,6 +181,13 @@ def clear_keras_session():
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory):
     return write_dataset(str(tmp_path_factory.mktemp("dataset")))
+
+
+@pytest.fixture(scope="session")
+def valid_dataset_dir(tmp_path_factory):
+    """30 users (the same groups, their own item sequences) with a validation example each between
+    their training and test examples, the event log and metadata.json (the schema-2 layout)."""
+    return write_dataset(str(tmp_path_factory.mktemp("dataset_valid")), valid=True)
 
 
 @pytest.fixture(scope="session")

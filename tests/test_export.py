@@ -17,8 +17,8 @@ from trainer.cli import main as cli
 from trainer.segments import document as segments_doc
 
 TINY_TRAIN = ["--encoder", "tiny", "--embedding-dim", "16", "--num-segments", "4", "--epochs", "1", "--warmup-epochs", "0",
-              "--batch-size", "64", "--recall-k", "10", "--quiet"]
-BETA = 0.5  # the run's --beta default, so the exports' default beta
+              "--batch-size", "64", "--recall-k", "10", "--quiet", "--beta", "0.5"]
+BETA = 0.5  # the run's --beta (forced: unforced, it is chosen on validation), so the exports' default beta
 slow = pytest.mark.slow  # every test on the trained run dir (a ~30 s module fixture)
 
 

@@ -4,14 +4,17 @@ import pytest
 import tensorflow as tf
 from model_fixtures import (  # noqa: F401
     TINY_MODEL,
+    all_user_texts,
     clear_keras_session,
     dataset_dir,
     tiny_encoder,
     user_texts,
+    valid_dataset_dir,
 )
 
 import trainer  # noqa: F401
 from trainer import features
+from trainer.data import arrays as da
 from trainer.data import tf_dataset as data
 from trainer.model.segrec_model import SegRecModel
 from trainer.model.text_encoder import TextCache
@@ -25,13 +28,13 @@ def catalog(dataset_dir):
     return data.load_catalog(dataset_dir)
 
 
-def cached_setup(dataset_dir, user_texts, catalog, batch_size=16, **overrides):
+def cached_setup(dataset_dir, user_texts, catalog, batch_size=16, held_out="eval", with_cache=False, **overrides):
     enc = tiny_encoder(user_texts)
     cache = TextCache.build(enc, user_texts, progress=False)
     model = SegRecModel.from_catalog(catalog, text_encoder=enc, **{**TINY_MODEL, **overrides})
     train = data.make_dataset(dataset_dir, "train", batch_size, shuffle=True, seed=1, text_cache=cache)
-    evals = data.make_dataset(dataset_dir, "eval", batch_size, text_cache=cache)
-    return model, train, evals
+    evals = data.make_dataset(dataset_dir, held_out, batch_size, text_cache=cache)
+    return (model, train, evals, cache) if with_cache else (model, train, evals)
 
 
 def test_outputs_have_documented_shapes(dataset_dir, user_texts, catalog):
@@ -58,11 +61,15 @@ def test_cached_vectors_and_on_the_fly_encoding_agree(dataset_dir, user_texts, c
     )
 
 
-def test_loss_decreases_and_fit_reports_recall(dataset_dir, user_texts, catalog):
-    model, train, evals = cached_setup(dataset_dir, user_texts, catalog)
+def test_loss_decreases_and_fit_reports_recall(valid_dataset_dir):
+    texts = all_user_texts(valid_dataset_dir)
+    catalog = data.load_catalog(valid_dataset_dir)
+    model, train, valid, cache = cached_setup(valid_dataset_dir, texts, catalog, held_out="valid", with_cache=True)
+    queries = da.load_queries(valid_dataset_dir, "valid", catalog.item_ids)
     model.compile(keras.optimizers.Adam(0.02))
     history = training.fit(
-        model, train, evals, epochs=4, warmup_epochs=1, init_batches=5, recall_k=8, patience=3, verbose=0
+        model, train, valid, epochs=4, warmup_epochs=1, init_batches=5, recall_k=8, patience=3, verbose=0,
+        valid_queries=queries, text_cache=cache,
     )
     losses = history["retrieval_loss"]
     assert len(losses) == 5 and losses[-1] < losses[0]

@@ -38,7 +38,19 @@ def test_train_writes_a_complete_run_dir(trained):
         assert (trained / name).exists(), name
     metrics = json.loads((trained / rd.METRICS).read_text())
     assert metrics["epochs_run"] == 2
-    assert 0.0 <= metrics["final"]["recall@10"] <= 1.0
+    assert 0.0 <= metrics["final"]["recall@10"] <= 1.0 and metrics["final"]["split"] == "valid"
+    # Everything chosen on the validation split, and said so.
+    sel = metrics["selection"]
+    assert sel["split"] == "valid" and sel["repeats"] == "exclude" and sel["metric"] == "recall@10"
+    assert sel["checkpoint"]["best_epoch"] in (1, 2) and len(sel["checkpoint"]["per_epoch"]) == 2
+    assert sel["checkpoint"]["best_value"] == max(sel["checkpoint"]["per_epoch"])
+    grid = dict((b, v) for b, v in sel["beta"]["grid"])
+    assert sorted(grid) == [0.0, 0.25, 0.5, 0.75, 1.0] and not sel["beta"]["forced"]
+    assert grid[sel["beta"]["chosen"]] == max(grid.values()) == metrics["final"]["recall@10"]
+    # The chosen beta is the run's beta (evaluate and export read it from train_config.json).
+    config = json.loads((trained / rd.TRAIN_CONFIG).read_text())
+    assert config["beta"] == sel["beta"]["chosen"] == metrics["final"]["beta"] and config["beta_requested"] is None
+    assert config["repeats"] == "exclude"
     assert metrics["throughput_examples_per_s"]["mean"] > 0
     segments = json.loads((trained / rd.SEGMENTS).read_text())
     assert segments["num_segments"] == 4 and len(segments["segments"]) == 4
@@ -55,7 +67,7 @@ def test_reloaded_run_gives_the_same_outputs(trained):
     from trainer.data import arrays as da
 
     run = rd.load_run(str(trained))
-    split = da.load_split(run.dataset_dir, "eval")
+    split = da.load_split(run.dataset_dir, "valid")
     batch = split.batch_dict(range(min(8, len(split))))
     batch[F.USER_TEXT_VECTOR] = run.text_cache.lookup(batch[F.USER_TEXT])
     a = run.model(batch, training=False, beta=0.5)
@@ -80,6 +92,65 @@ def test_evaluate_compares_against_baselines(trained, tmp_path, capsys):
     # Generated data carries planted segments: ARI against them is reported.
     assert "adjusted_rand" in json.dumps(report["segment_quality"])
     assert "recall@10" in capsys.readouterr().out
+
+
+def _poison_test_split(dataset_dir) -> None:
+    """Rewrites every eval-* file: garbage targets and texts (the catalog's last item, a text no split has)."""
+    import tensorflow as tf
+
+    from trainer import features as F
+
+    last_item = (dataset_dir / F.ITEM_VOCAB).read_text().split()[-1]
+    for path in sorted(dataset_dir.glob(F.EVAL_PATTERN)):
+        rows = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path), "GZIP")]
+        assert rows
+        with tf.io.TFRecordWriter(str(path), options="GZIP") as w:
+            for ex in rows:
+                ex.features.feature[F.ITEM_ID].bytes_list.value[:] = [last_item.encode()]
+                ex.features.feature[F.USER_TEXT].bytes_list.value[:] = [b"poison poison poison"]
+                w.write(ex.SerializeToString())
+
+
+@pytest.mark.slow
+def test_training_never_reads_the_test_split(dataset, trained, tmp_path, monkeypatch):
+    """The same training on a copy of the dataset whose test split is poisoned: no eval-* file is even
+    listed, and the chosen epoch, the chosen beta and every validation number are the clean run's."""
+    import shutil
+
+    import tensorflow as tf
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(dataset, poisoned)
+    _poison_test_split(poisoned)
+    listed = []
+    real_glob = tf.io.gfile.glob
+
+    def spy(pattern):
+        found = real_glob(pattern)
+        listed.extend(found)
+        return found
+
+    monkeypatch.setattr(tf.io.gfile, "glob", spy)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--dataset-dir", str(poisoned), "--output-dir", str(run)] + TINY_TRAIN) == 0
+    assert listed and not [p for p in listed if os.path.basename(p).startswith("eval-")]
+    clean = json.loads((trained / rd.METRICS).read_text())["selection"]
+    dirty = json.loads((run / rd.METRICS).read_text())["selection"]
+    assert dirty["checkpoint"]["best_epoch"] == clean["checkpoint"]["best_epoch"]
+    assert dirty["checkpoint"]["per_epoch"] == pytest.approx(clean["checkpoint"]["per_epoch"], abs=1e-9)
+    assert dirty["beta"]["chosen"] == clean["beta"]["chosen"]
+    assert [b for b, _ in dirty["beta"]["grid"]] == [b for b, _ in clean["beta"]["grid"]]
+    assert [v for _, v in dirty["beta"]["grid"]] == pytest.approx([v for _, v in clean["beta"]["grid"]], abs=1e-9)
+    assert dirty["queries"] == clean["queries"]
+
+
+def test_a_dataset_dir_without_validation_split_is_refused(tmp_path, capsys):
+    import model_fixtures as mf
+
+    old = mf.write_dataset(str(tmp_path / "schema1"))  # train-* and eval-* only, as segrec preprocess wrote before
+    assert cli.main(["train", "--dataset-dir", old, "--output-dir", str(tmp_path / "r")] + TINY_TRAIN) == 2
+    err = capsys.readouterr().err
+    assert "validation split" in err and "re-run `segrec preprocess`" in err
 
 
 def test_bad_train_flags_are_user_errors(tmp_path, capsys):
@@ -159,3 +230,5 @@ def test_segments_auto_picks_k_by_silhouette_and_records_the_sweep(dataset, tmp_
     assert sweep["best_k"] == best
     assert json.loads((run / rd.SEGMENTS).read_text())["num_segments"] == best
     assert json.loads((run / rd.METRICS).read_text())["segment_sweep"]["best_k"] == best
+    assert sweep["split"] == "valid"  # the silhouette of the validation queries' embeddings
+    assert json.loads((run / rd.METRICS).read_text())["selection"]["num_segments"]["chosen"] == best

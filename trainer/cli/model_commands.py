@@ -25,6 +25,16 @@ def _range(value: str) -> tuple:
     return lo, hi
 
 
+def _floats(value: str) -> tuple:
+    try:
+        out = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0,0.5,1, got {value!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return out
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-dir", required=True, help="what `segrec preprocess` wrote (local or gs://)")
     p.add_argument("--output-dir", required=True,
@@ -44,7 +54,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--num-segments", type=_segments, default=8, help="number of segments K, or 'auto' (silhouette sweep)")
     m.add_argument("--num-segments-range", type=_range, default=(2, 12), help="K range of the auto sweep (default 2-12)")
     m.add_argument("--alpha", type=float, default=0.1, help="clustering loss weight")
-    m.add_argument("--beta", type=float, default=0.5, help="segment pull of the query: q = normalise(u + beta*c)")
+    m.add_argument("--beta", type=float, default=None,
+                   help="segment pull of the query: q = normalise(u + beta*c). Default: chosen after training, "
+                        "on the validation split, from --beta-grid (and recorded as the run's beta)")
+    m.add_argument("--beta-grid", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0),
+                   help="betas tried on the validation split when --beta is not given (default 0,0.25,0.5,0.75,1)")
     m.add_argument("--segment-temperature", type=float, default=0.1)
     m.add_argument("--retrieval-temperature", type=float, default=0.05)
     m.add_argument("--user-id-buckets", type=int, default=0, help="hashed user-id embedding buckets (0: off)")
@@ -53,8 +67,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup-epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--learning-rate", type=float, default=3e-3)
-    t.add_argument("--patience", type=int, default=3, help="early-stopping patience on eval recall (0: off)")
-    t.add_argument("--recall-k", type=int, default=50)
+    t.add_argument("--patience", type=int, default=3,
+                   help="early-stopping patience on validation recall (0: off); the best validation epoch is kept")
+    t.add_argument("--recall-k", type=int, default=50,
+                   help="K of the validation Recall@K that picks the epoch, beta and (in evaluate) every baseline's "
+                        "hyper-parameters")
     t.add_argument("--steps-per-epoch", type=int)
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
@@ -68,6 +85,7 @@ def train_config(args: argparse.Namespace):
         dataset_dir=args.dataset_dir, output_dir=args.output_dir, encoder=args.encoder,
         sequence_length=args.sequence_length, finetune_layers=args.finetune_layers, embedding_dim=args.embedding_dim,
         segments=args.num_segments, segments_range=tuple(args.num_segments_range), alpha=args.alpha, beta=args.beta,
+        beta_grid=tuple(args.beta_grid),
         segment_temperature=args.segment_temperature, retrieval_temperature=args.retrieval_temperature,
         user_id_buckets=args.user_id_buckets, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience,

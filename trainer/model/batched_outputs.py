@@ -9,6 +9,7 @@ the frozen encoder where they cover a batch.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -20,6 +21,18 @@ from trainer.data import arrays as da
 from trainer.model.text_encoder import TextCache
 
 _LOG = logging.getLogger(__name__)
+
+
+# One traced inference function per (model, beta): train-time recall calls
+# model_outputs every epoch and for every beta of the grid.
+_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _inference_fn(model, beta: float):
+    fns = _CALLS.setdefault(model, {})
+    if beta not in fns:
+        fns[beta] = tf.function(lambda batch: model(batch, training=False, beta=beta), reduce_retracing=True)
+    return fns[beta]
 
 
 def model_outputs(model, split: da.SplitArrays, rows, beta: float, text_cache=None, batch_size: int = 512,
@@ -41,8 +54,9 @@ def model_outputs(model, split: da.SplitArrays, rows, beta: float, text_cache=No
             "text encoder to encode them; rebuild the run's text_cache.npz over this dataset's texts"
         )
     if missing:
-        _LOG.warning("%d eval user text(s) are not in the text cache; their batches run the encoder", len(missing))
-    call = tf.function(lambda batch: model(batch, training=False, beta=beta), reduce_retracing=True)
+        # Expected for test queries: `segrec train` caches the train and valid texts only, it never reads test.
+        _LOG.info("%d user text(s) are not in the run's text cache; their batches run the encoder", len(missing))
+    call = _inference_fn(model, float(beta))
     keys = (features.EMBEDDING, features.QUERY, features.SEGMENT_ID, features.SEGMENT_PROBS)
     parts: dict = {k: [] for k in keys}
     starts = range(0, len(rows), batch_size)
@@ -66,13 +80,19 @@ def model_outputs(model, split: da.SplitArrays, rows, beta: float, text_cache=No
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def user_snapshot(model, dataset_dir: str, cache: Optional[TextCache], beta: float, batch: int = 512):
-    """One row per user (dataset_arrays.snapshot_rows): user ids [U],
-    embeddings [U, d], segment ids [U], probs [U, K], and the train split."""
-    ev, train_split = da.load_split(dataset_dir, "eval"), da.load_split(dataset_dir, "train")
-    user_ids, ev_rows, tr_rows = da.snapshot_rows(ev, train_split)
-    outs = [model_outputs(model, split, rows, beta, cache, batch) for split, rows in ((ev, ev_rows), (train_split, tr_rows))
-            if len(rows)]
+def user_snapshot(model, dataset_dir: str, cache: Optional[TextCache], beta: float, batch: int = 512,
+                  splits=(features.EVAL_PREFIX, features.VALID_PREFIX, features.TRAIN_PREFIX)):
+    """One row per user (arrays.snapshot_rows over `splits`, newest period
+    first; a split the dataset dir lacks is skipped): user ids [U],
+    embeddings [U, d], segment ids [U], probs [U, K], and the train split.
+    `segrec train` passes (valid, train): it never reads the test split."""
+    present = [s for s in splits
+               if s == features.TRAIN_PREFIX or tf.io.gfile.glob(dataset_dir.rstrip("/") + "/" + features.SPLIT_PATTERNS[s])]
+    loaded = {s: da.load_split(dataset_dir, s) for s in present}
+    train_split = loaded[features.TRAIN_PREFIX] if features.TRAIN_PREFIX in loaded else \
+        da.load_split(dataset_dir, features.TRAIN_PREFIX)
+    user_ids, rows = da.snapshot_rows(*(loaded[s] for s in present))
+    outs = [model_outputs(model, loaded[s], r, beta, cache, batch) for s, r in zip(present, rows) if len(r)]
 
     def cat(key):
         return np.concatenate([o[key] for o in outs])

@@ -1,12 +1,12 @@
 """The fit loop: optional retrieval-only warm-up, k-means init of the segment
-centroids, then joint training with Recall@K early stopping.
+centroids, then joint training with Recall@K early stopping on the
+validation split; train-time recall and the beta grid.
 
 Run dirs, checkpoint files and the CLI live elsewhere; pass their callbacks in.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Sequence
 
 import keras
@@ -15,6 +15,10 @@ import tensorflow as tf
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 from trainer import features
+from trainer.data import arrays as da
+from trainer.data import candidates as candidates_lib
+from trainer.data import examples as ex
+from trainer.model.batched_outputs import model_outputs
 from trainer.model.segment_head import choose_k
 from trainer.model.segrec_model import SegRecModel
 
@@ -32,84 +36,89 @@ def collect_user_embeddings(model: SegRecModel, dataset: tf.data.Dataset, max_ba
     return np.concatenate(out, axis=0)
 
 
+def validation_ranks(
+    model: SegRecModel,
+    queries: da.RankedQueries,
+    beta: float = 0.0,
+    text_cache=None,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """1-based ranks of the targets of `queries`' main queries, exactly as
+    `segrec evaluate` ranks them.
+
+    Full catalog (the model's item order must be the one `queries` was built
+    on), minus what the dataset's repeat rule removes from each query
+    (`queries.candidates`, from trainer.data.candidates); under "exclude" the
+    queries whose target the user already consumed are not ranked. Ties are
+    pessimistic (trainer.data.candidates.target_ranks, which evaluate uses too).
+    Returns [M] float64, M = queries.candidates.main.sum(), in query order.
+    """
+    main = np.flatnonzero(queries.candidates.main)
+    if not main.size:
+        return np.zeros(0, np.float64)
+    q = model_outputs(model, queries.split, queries.rows[main], beta, text_cache, batch_size)[features.QUERY]
+    items = np.asarray(model.item_embeddings(), np.float32)  # [N, d]
+    item_t = np.ascontiguousarray(items.T)
+    out = []
+    for start in range(0, main.size, batch_size):
+        rows = main[start:start + batch_size]
+        scores = q[start:start + batch_size] @ item_t  # [b, N]
+        mask = candidates_lib.candidate_mask([queries.candidates.exclude[r] for r in rows], items.shape[0])
+        targets = queries.targets[rows]
+        mask[np.arange(rows.size), targets] = True  # the target is always a candidate of its own query
+        out.append(candidates_lib.target_ranks(scores, targets, mask))
+    return np.concatenate(out)
+
+
 def recall_at_k(
     model: SegRecModel,
-    dataset: tf.data.Dataset,
+    queries: da.RankedQueries,
     k: int = 10,
     beta: float = 0.0,
-    exclude_history: bool = True,
-    max_batches: Optional[int] = None,
+    text_cache=None,
+    batch_size: int = 512,
 ) -> float:
-    """Weighted Recall@K of the positives by brute force over the catalog.
-
-    Each query scores all N items (q . E^T); the user's history items are
-    excluded (seen-item exclusion as in serving). A positive unknown to the
-    catalog counts as a miss.
-    """
-    fn = _hits_fn(model, k, float(beta), bool(exclude_history))
-    total_hits, total = 0.0, 0.0
-    for i, batch in enumerate(dataset):
-        if max_batches is not None and i >= max_batches:
-            break
-        h, w = fn(batch)
-        total_hits += float(h)
-        total += float(w)
-    return total_hits / total if total else 0.0
-
-
-# One traced function per (model, k, beta, exclude): building a new
-# tf.function each epoch would retrace every time.
-_HITS_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _hits_fn(model: SegRecModel, k: int, beta: float, exclude_history: bool):
-    cache = _HITS_FNS.setdefault(model, {})
-    key = (k, beta, exclude_history)
-    if key in cache:
-        return cache[key]
-
-    @tf.function(reduce_retracing=True)
-    def hits(batch):
-        items = model.item_embeddings()  # [N, d]
-        kk = tf.minimum(k, tf.shape(items)[0])
-        q = model(batch, training=False, beta=beta)[features.QUERY]
-        scores = tf.matmul(q, items, transpose_b=True)  # [B, N]
-        if exclude_history:
-            rows = model.item_tower.rows(batch[features.HISTORY_ITEM_IDS]) - 1  # [B, H]
-            idx = tf.where(rows >= 0)  # [M, 2] (b, h)
-            cols = tf.gather_nd(rows, idx)
-            scatter = tf.stack([idx[:, 0], tf.cast(cols, tf.int64)], axis=1)
-            scores = tf.tensor_scatter_nd_update(
-                scores, scatter, tf.fill([tf.shape(scatter)[0]], tf.float32.min)
-            )
-        top = tf.math.top_k(scores, k=kk).indices  # [B, k]
-        target = model.item_tower.rows(batch[features.ITEM_ID]) - 1
-        hit = tf.reduce_any(tf.equal(top, target[:, None]), axis=1) & (target >= 0)
-        w = tf.cast(batch.get(features.WEIGHT, tf.ones_like(target, tf.float32)), tf.float32)
-        return tf.reduce_sum(tf.cast(hit, tf.float32) * w), tf.reduce_sum(w)
-
-    cache[key] = hits
-    return hits
+    """Recall@K of the validation queries: the share of main queries whose
+    target ranks in the top K (`validation_ranks`); the number `segrec
+    evaluate` would report for this split. 0.0 with no main queries."""
+    ranks = validation_ranks(model, queries, beta, text_cache, batch_size)
+    return float(np.mean(ranks <= k)) if ranks.size else 0.0
 
 
 class RecallAtK(keras.callbacks.Callback):
-    """Adds `val_recall_at_{k}` to the epoch logs (for EarlyStopping/checkpoints)."""
+    """Adds `val_recall_at_{k}` (validation split, repeat rule applied) to the
+    epoch logs, for EarlyStopping and the best checkpoint."""
 
-    def __init__(self, eval_ds: tf.data.Dataset, k: int = 10, beta: float = 0.0, max_batches: Optional[int] = None):
+    def __init__(self, queries: da.RankedQueries, k: int = 10, beta: float = 0.0, text_cache=None,
+                 batch_size: int = 512):
         super().__init__()
-        self.eval_ds = eval_ds
+        if queries.split_name == ex.EVAL:
+            raise ValueError("train-time recall runs on the validation split, never on test (eval)")
+        self.queries = queries
         self.k = k
         self.beta = beta
-        self.max_batches = max_batches
+        self.text_cache = text_cache
+        self.batch_size = batch_size
 
     @property
     def monitor(self) -> str:
         return f"val_recall_at_{self.k}"
 
     def on_epoch_end(self, epoch, logs=None):
-        value = recall_at_k(self.model, self.eval_ds, self.k, self.beta, max_batches=self.max_batches)
+        value = recall_at_k(self.model, self.queries, self.k, self.beta, self.text_cache, self.batch_size)
         if logs is not None:
             logs[self.monitor] = value
+
+
+def choose_beta(model: SegRecModel, queries: da.RankedQueries, grid, k: int, text_cache=None,
+                batch_size: int = 512) -> tuple:
+    """(best beta, [(beta, recall@k)]) over `grid` on the validation queries;
+    ties go to the smaller beta."""
+    if queries.split_name == ex.EVAL:
+        raise ValueError("beta is chosen on the validation split, never on test (eval)")
+    curve = [(float(b), recall_at_k(model, queries, k, float(b), text_cache, batch_size)) for b in sorted(grid)]
+    best = max(curve, key=lambda bv: (bv[1], -bv[0]))[0]
+    return best, curve
 
 
 def choose_segments(
@@ -137,7 +146,7 @@ def init_segments(model: SegRecModel, train_ds: tf.data.Dataset, batches: Option
 def fit(
     model: SegRecModel,
     train_ds: tf.data.Dataset,
-    eval_ds: Optional[tf.data.Dataset] = None,
+    valid_ds: Optional[tf.data.Dataset] = None,
     epochs: int = 1,
     steps_per_epoch: Optional[int] = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -146,16 +155,20 @@ def fit(
     recall_k: Optional[int] = 10,
     patience: Optional[int] = None,
     verbose="auto",
+    valid_queries: Optional[da.RankedQueries] = None,
+    text_cache=None,
+    beta: float = 0.0,
 ) -> dict:
     """Trains a compiled model; returns the merged history {metric: [per epoch]}.
 
     1. `warmup_epochs` of retrieval only (clustering weight 0), so the
        embeddings mean something before they are clustered;
     2. centroids := k-means of the user embeddings (`init_batches` batches);
-    3. `epochs` more epochs with the clustering loss at `model.alpha`,
-       validating on `eval_ds`; with `recall_k` the logs get
-       val_recall_at_{k}, and with `patience` training stops when it stops
-       improving (best weights restored).
+    3. `epochs` more epochs with the clustering loss at `model.alpha`;
+       `valid_ds` (the validation split's batches) gives val_loss, and with
+       `valid_queries` (da.load_queries of the validation split) and
+       `recall_k` the logs get val_recall_at_{k}; with `patience` training
+       stops when it stops improving (best weights restored).
     """
     if model.optimizer is None:
         raise ValueError("compile the model (model.compile(optimizer)) before fit()")
@@ -177,8 +190,8 @@ def fit(
     model.cluster_weight.assign(model.alpha)
 
     cbs = []
-    if eval_ds is not None and recall_k:
-        recall = RecallAtK(eval_ds, k=recall_k)
+    if valid_queries is not None and recall_k:
+        recall = RecallAtK(valid_queries, k=recall_k, beta=beta, text_cache=text_cache)
         cbs.append(recall)
         if patience is not None:
             cbs.append(
@@ -190,7 +203,7 @@ def fit(
     merge(
         model.fit(
             train_ds,
-            validation_data=eval_ds,
+            validation_data=valid_ds,
             epochs=warmup_epochs + epochs,
             initial_epoch=warmup_epochs,
             steps_per_epoch=steps_per_epoch,

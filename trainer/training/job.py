@@ -1,16 +1,24 @@
 """`segrec train`: dataset dir -> run dir (see trainer/model/run_dir.py).
 
-Phases, each resumable after an interruption:
+Everything training tunes is chosen on the validation split; the test split
+(eval-*) is never opened. Phases, each resumable after an interruption:
   1. encoder: build the text encoder; with a frozen encoder, encode every
-     distinct user_text once into text_cache.npz (reused on resume);
+     distinct user_text of the train and valid splits once into
+     text_cache.npz (reused on resume);
   2. warm-up: `warmup_epochs` of retrieval loss only, so user embeddings mean
      something before they are clustered (checkpoints/warmup.weights.h5);
-  3. segments: `--num-segments auto` picks K by a silhouette sweep (recorded in
-     segment_sweep.json), then centroids := k-means of user embeddings;
+  3. segments: `--num-segments auto` picks K by a silhouette sweep over the
+     validation queries' user embeddings (recorded in segment_sweep.json),
+     then centroids := k-means of user embeddings;
   4. joint training: retrieval + alpha * clustering loss, Recall@K on the
-     eval split each epoch, early stopping, best weights kept; Keras'
+     validation split each epoch (the dataset's repeat rule, the ranking
+     `segrec evaluate` uses), early stopping, best weights kept; Keras'
      BackupAndRestore resumes mid-phase from checkpoints/main/;
-  5. artefacts: model weights, metrics.json, segments.json, model card.
+  5. beta: unless --beta forces one, the beta of the best validation Recall@K
+     over `beta_grid` becomes the run's beta (train_config.json, the export's
+     default);
+  6. artefacts: model weights, metrics.json (with "selection": what was
+     chosen on which split), segments.json, model card.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import tensorflow as tf
 
 import trainer  # noqa: F401
 from trainer import features
+from trainer.data import arrays as da
+from trainer.data import examples as ex
 from trainer.data import tf_dataset as data_lib
 from trainer.model import run_dir as rd
 from trainer.model.batched_outputs import user_snapshot
@@ -38,6 +48,9 @@ from trainer.training import distribution
 from trainer.training import fit as training
 
 _LOG = logging.getLogger("segrec.train")
+
+MONITOR_BETA = 0.5  # the beta of train-time recall (early stopping) when --beta does not force one
+BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +66,8 @@ class TrainConfig:
     segments: Union[int, str] = 8  # K, or "auto"
     segments_range: tuple = (2, 12)
     alpha: float = 0.1
-    beta: float = 0.5
+    beta: Optional[float] = None  # None: chosen on validation from beta_grid
+    beta_grid: tuple = BETA_GRID
     segment_temperature: float = 0.1
     retrieval_temperature: float = 0.05
     user_id_buckets: int = 0
@@ -82,6 +96,15 @@ class TrainConfig:
             raise ValueError("--warmup-epochs, --finetune-layers and --patience must be >= 0")
         if self.segments == "auto" and self.warmup_epochs < 1:
             raise ValueError("--num-segments auto needs --warmup-epochs >= 1 (it clusters warmed-up embeddings)")
+        if self.beta is not None and self.beta < 0:
+            raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        if not self.beta_grid or any(b < 0 for b in self.beta_grid):
+            raise ValueError(f"--beta-grid must hold one or more betas >= 0, got {self.beta_grid}")
+
+    @property
+    def monitor_beta(self) -> float:
+        """The beta of train-time recall: the forced --beta, else MONITOR_BETA."""
+        return MONITOR_BETA if self.beta is None else float(self.beta)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +115,7 @@ class TrainSummary:
     best_recall: float
     metrics: dict
     seconds: float
+    beta: float = 0.0
 
 
 def build_encoder(config: TrainConfig, texts) -> TextEncoder:
@@ -173,8 +197,17 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
     rd.write_json(rd.path(out_dir, rd.TRAIN_CONFIG), dataclasses.asdict(config))
     mixed = bool(tf.config.list_physical_devices("GPU")) if config.mixed_precision is None else config.mixed_precision
 
+    da.require_validation(config.dataset_dir)
+    rule = da.repeat_rule(config.dataset_dir)
     catalog = data_lib.load_catalog(config.dataset_dir)
-    texts = data_lib.distinct_user_texts(config.dataset_dir)
+    # The train and valid splits only: training never opens the test split (eval-*).
+    texts = data_lib.distinct_user_texts(config.dataset_dir, (ex.TRAIN, ex.VALID))
+    valid_queries = da.load_queries(config.dataset_dir, ex.VALID, catalog.item_ids, rule)
+    if not valid_queries.candidates.main.any():
+        raise ValueError(f"{config.dataset_dir}: the validation split has no query to rank under the "
+                         f"{rule!r} repeat rule; nothing to select epochs or beta on")
+    _LOG.info("validation: %d queries (%d repeat targets, repeat rule %r)", len(valid_queries),
+              int(valid_queries.candidates.repeat.sum()), rule)
     warm_path = rd.path(ckpt_root, "warmup.weights.h5")
     backup_dir = rd.path(ckpt_root, "main")
     best_path = rd.path(ckpt_root, "best.weights.h5")
@@ -189,7 +222,7 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         return data_lib.make_dataset(config.dataset_dir, split, config.batch_size, shuffle=shuffle, seed=config.seed,
                                      text_cache=cache, drop_remainder=False)
 
-    train_ds, eval_ds = dataset("train", True), dataset("eval", False)
+    train_ds, valid_ds = dataset(ex.TRAIN, True), dataset(ex.VALID, False)
     history: dict = {}
     throughput = _Throughput(config.batch_size)
     tb = keras.callbacks.TensorBoard(log_dir=dirs.tensorboard_dir, update_freq="epoch")
@@ -207,17 +240,17 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
             _merge(history, h.history, prefix="warmup_")
             rd.save_weights(model, warm_path)
 
-    # Phase 3: number of segments and centroid initialisation.
+    # Phase 3: number of segments (on the validation queries' embeddings) and centroid initialisation.
     sweep = None
     if config.segments == "auto":
         sweep_path = rd.path(out_dir, rd.SEGMENT_SWEEP)
         if tf.io.gfile.exists(sweep_path):
             sweep = rd.read_json(sweep_path)
         else:
-            best_k, scores = training.choose_segments(model, train_ds, tuple(config.segments_range), seed=config.seed)
-            sweep = {"best_k": int(best_k), "silhouette": [[int(k), float(s)] for k, s in scores]}
+            best_k, scores = training.choose_segments(model, valid_ds, tuple(config.segments_range), seed=config.seed)
+            sweep = {"best_k": int(best_k), "silhouette": [[int(k), float(s)] for k, s in scores], "split": ex.VALID}
             rd.write_json(sweep_path, sweep)
-        _LOG.info("segments auto: K=%d (silhouette sweep %s)", sweep["best_k"], sweep["silhouette"])
+        _LOG.info("segments auto: K=%d (silhouette sweep on validation %s)", sweep["best_k"], sweep["silhouette"])
         if sweep["best_k"] != model.num_segments:
             with strategy.scope():
                 model = model.with_num_segments(sweep["best_k"])
@@ -227,8 +260,8 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         training.init_segments(model, train_ds, batches=50)
     model.cluster_weight.assign(config.alpha)
 
-    # Phase 4: joint training with early stopping on eval Recall@K.
-    recall = training.RecallAtK(eval_ds, k=config.recall_k, beta=config.beta)
+    # Phase 4: joint training with early stopping and the best checkpoint on validation Recall@K.
+    recall = training.RecallAtK(valid_queries, k=config.recall_k, beta=config.monitor_beta, text_cache=cache)
     callbacks = [
         recall,
         keras.callbacks.BackupAndRestore(backup_dir),
@@ -244,26 +277,60 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
     if tf.io.gfile.exists(best_path):
         rd.load_weights(model, best_path)
 
-    best = float(training.recall_at_k(model, eval_ds, k=config.recall_k, beta=config.beta))
+    # Phase 5: beta on validation (unless forced).
+    if config.beta is None:
+        beta, beta_curve = training.choose_beta(model, valid_queries, config.beta_grid, config.recall_k, cache)
+        _LOG.info("beta: %g chosen on validation (recall@%d by beta: %s)", beta, config.recall_k, beta_curve)
+    else:
+        beta = float(config.beta)
+        beta_curve = [(beta, training.recall_at_k(model, valid_queries, config.recall_k, beta, cache))]
+    best = dict(beta_curve)[beta]
+    monitored = history.get(recall.monitor, [])
     metrics = {
         "history": history,
-        "final": {f"recall@{config.recall_k}": best, "beta": config.beta},
+        "final": {f"recall@{config.recall_k}": best, "beta": beta, "split": ex.VALID},
         "epochs_run": len(history.get("loss", [])),
+        "selection": selection_record(config, rule, valid_queries, monitored, recall.monitor, beta, beta_curve, sweep),
         "throughput_examples_per_s": {"mean": float(np.mean(throughput.rates)) if throughput.rates else None,
                                       "encoder": "cached" if cache is not None else "in-graph"},
         "strategy": strategy_desc,
         "segment_sweep": sweep,
     }
-    segments_doc = build_segments(model, config, catalog, cache)
+    segments_doc = build_segments(model, config, catalog, cache, beta)
     if is_chief:
         rd.save_model(out_dir, model)
         rd.write_json(rd.path(out_dir, rd.METRICS), metrics)
+        # The run's beta is the chosen one: evaluate, the segment report and export read it from here.
+        rd.write_json(rd.path(out_dir, rd.TRAIN_CONFIG),
+                      {**dataclasses.asdict(config), "beta": beta, "beta_requested": config.beta, "repeats": rule})
         segments_document.save(segments_doc, rd.path(out_dir, rd.SEGMENTS))
         write_model_card(out_dir, config, metrics, segments_doc)
     else:
         distribution.discard_temp_dir(dirs.model_dir, cluster)
         distribution.discard_temp_dir(dirs.checkpoint_dir, cluster)
-    return TrainSummary(out_dir, int(model.num_segments), metrics["epochs_run"], best, metrics, time.time() - start)
+    return TrainSummary(out_dir, int(model.num_segments), metrics["epochs_run"], best, metrics, time.time() - start,
+                        beta)
+
+
+def selection_record(config: TrainConfig, rule: str, valid_queries, monitored, monitor: str, beta: float,
+                     beta_curve, sweep) -> dict:
+    """metrics.json's "selection": what training chose, on which split, by which measure."""
+    best_epoch = int(np.argmax(monitored)) + 1 if len(monitored) else None
+    return {
+        "split": ex.VALID,
+        "repeats": rule,
+        "metric": f"recall@{config.recall_k}",
+        "queries": {"ranked": int(valid_queries.candidates.main.sum()),
+                    "repeat_targets": int(valid_queries.candidates.repeat.sum()),
+                    "unknown_target": int(valid_queries.unknown_target)},
+        "checkpoint": {"monitor": monitor, "monitor_beta": config.monitor_beta, "best_epoch": best_epoch,
+                       "best_value": float(max(monitored)) if len(monitored) else None,
+                       "per_epoch": [float(v) for v in monitored], "patience": config.patience},
+        "beta": {"chosen": beta, "forced": config.beta is not None,
+                 "grid": [[float(b), float(v)] for b, v in beta_curve]},
+        "num_segments": ({"chosen": sweep["best_k"], "by": "silhouette", "split": sweep.get("split", ex.TRAIN),
+                          "sweep": sweep["silhouette"]} if sweep else {"chosen": config.segments, "forced": True}),
+    }
 
 
 def _merge(history: dict, h: dict, prefix: str = "") -> None:
@@ -273,11 +340,12 @@ def _merge(history: dict, h: dict, prefix: str = "") -> None:
 
 
 
-def build_segments(model: SegRecModel, config: TrainConfig, catalog, cache) -> dict:
-    from trainer.data import arrays as da
+def build_segments(model: SegRecModel, config: TrainConfig, catalog, cache, beta: float) -> dict:
     from trainer.segments import quality as segment_quality
 
-    user_ids, emb, seg, probs, train_split = user_snapshot(model, config.dataset_dir, cache, config.beta)
+    # Each user as of their latest validation query, else their latest training one: never test.
+    user_ids, emb, seg, probs, train_split = user_snapshot(model, config.dataset_dir, cache, beta,
+                                                           splits=(ex.VALID, ex.TRAIN))
     quality = segment_quality.segment_quality(emb, seg)
     quality = {k: v for k, v in quality.items() if k in ("silhouette", "davies_bouldin", "largest_share")}
     histories = {}
@@ -289,7 +357,7 @@ def build_segments(model: SegRecModel, config: TrainConfig, catalog, cache) -> d
         item_titles=dict(zip(catalog.item_ids, catalog.titles)),
         item_categories=dict(zip(catalog.item_ids, catalog.categories)), probs=probs)
     return segment_profiles.build_profiles(inputs, quality=quality,
-                                           extra={"beta": config.beta, "dataset_dir": config.dataset_dir})
+                                           extra={"beta": beta, "dataset_dir": config.dataset_dir})
 
 
 def write_model_card(out_dir: str, config: TrainConfig, metrics: dict, segments: dict) -> None:
@@ -303,10 +371,12 @@ def write_model_card(out_dir: str, config: TrainConfig, metrics: dict, segments:
         f"split: {meta.get('split', {}).get('split', 'unknown')}, examples: {meta.get('examples', {})})",
         f"- Encoder: {config.encoder} (sequence length {config.sequence_length}, "
         f"{'fine-tuning top ' + str(config.finetune_layers) + ' layers' if config.finetune_layers else 'frozen, cached outputs'})",
-        f"- Embedding dim {config.embedding_dim}; segments {segments['num_segments']}; alpha {config.alpha}; beta {config.beta}",
+        f"- Embedding dim {config.embedding_dim}; segments {segments['num_segments']}; alpha {config.alpha}; "
+        f"beta {final['beta']} ({'forced' if config.beta is not None else 'chosen on the validation split'})",
         f"- Epochs run: {metrics['epochs_run']} (max {config.epochs}, warm-up {config.warmup_epochs}); "
         f"strategy: {metrics['strategy']}",
-        "", "## Metrics (eval split, full catalog, user's history excluded)", "",
+        "", f"## Metrics (validation split, full catalog, repeat rule: {metrics['selection']['repeats']}; "
+        f"best epoch {metrics['selection']['checkpoint']['best_epoch']} chosen on it)", "",
         *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in final.items()],
         "", "## Segments", "",
         "| id | size | label |", "| --- | ---: | --- |",
@@ -326,7 +396,7 @@ def format_summary(summary: TrainSummary, config: TrainConfig) -> str:
     return "\n".join([
         f"train finished in {summary.seconds:.1f}s -> {summary.run_dir}",
         f"  epochs run {summary.epochs_run}   segments {summary.num_segments}   "
-        f"eval recall@{config.recall_k} {summary.best_recall:.4f}   "
+        f"validation recall@{config.recall_k} {summary.best_recall:.4f} (beta {summary.beta:g})   "
         f"throughput {rate:,.0f} examples/s ({m['throughput_examples_per_s']['encoder']} encoder)",
         f"  model     {rd.path(summary.run_dir, rd.WEIGHTS)}",
         f"  segments  {rd.path(summary.run_dir, rd.SEGMENTS)}",
