@@ -16,26 +16,38 @@ from trainer import features
 from trainer.data import arrays as da
 from trainer.data import tf_dataset as data
 from trainer.evaluation import baselines, evaluate, report
-from trainer.evaluation import ranking as metrics
 from trainer.model import run_dir as rd
 from trainer.training import fit as training
 
 TINY_BASELINES = (("id_two_tower", {"epochs": 1, "embedding_dim": 8, "batch_size": 32}),)
+TINY_EASE_GRID = (1.0, 100.0, 10000.0)
 KS = (3, 10)
 
 
+HEAVY_ITEM = "k7"
+
+
 def _add_new_users(dataset_dir: str) -> None:
-    """Users the run never saw (texts not in the text cache). Eval-only: a cold
+    """Users the run never saw (texts not in the text cache). Test-only: a cold
     one with no history, one with a single history item, and one example whose
     target is not in the catalog (not ranked). Train-only: old0, who has no
-    eval example (segment quality falls back to their latest train example)."""
+    test example (segment quality falls back to their latest train example).
+    u0 gets a second test query whose target they already consumed (a repeat
+    target). "heavy" consumed HEAVY_ITEM 40 times in the training period and
+    has no example at all (as `--max-examples-per-user` would leave them):
+    only the event log knows, and the baselines must see it."""
     path = os.path.join(dataset_dir, f"{features.TRAIN_PREFIX}-00009-of-00010{features.TFRECORD_SUFFIX}")
     with tf.io.TFRecordWriter(path, options="GZIP") as w:
         w.write(mf.example("old0", "age 50, plays guitar in a band. recent: ", [], "m3", timestamp=1500).SerializeToString())
+    u0_items = [e.item_id for _, e in da.load_events(dataset_dir).labelled("u0")]
+    mf.write_events(dataset_dir, [("old0", ["m3"], [1500], ["train"]),
+                                  ("heavy", [HEAVY_ITEM] * 40, list(range(100, 140)), ["train"] * 40)],
+                    name="00009-of-00010")
     rows = [
         mf.example("new0", "age 30, loves hiking and camping. recent: ", [], "o1", timestamp=2000),
         mf.example("new1", "age 41, cooks dinner every day. recent: Kettle", ["k6"], "k2", timestamp=2000),
         mf.example("new1", "age 41, cooks dinner every day. recent: Kettle", ["k6"], "zz-gone", timestamp=2001),
+        mf.example("u0", "age 33, loves hiking and camping. recent: ", [], u0_items[0], timestamp=2002),
     ]
     path = os.path.join(dataset_dir, f"{features.EVAL_PREFIX}-00009-of-00010{features.TFRECORD_SUFFIX}")
     with tf.io.TFRecordWriter(path, options="GZIP") as w:
@@ -62,7 +74,7 @@ def trained_run(tmp_path_factory):
 
     keras.utils.set_random_seed(0)
     root = tmp_path_factory.mktemp("eval")
-    dataset_dir = mf.write_dataset(str(root / "dataset"))
+    dataset_dir = mf.write_dataset(str(root / "dataset"), valid=True)
     texts = mf.all_user_texts(dataset_dir)
     enc = mf.tiny_encoder(texts)
     cache = TextCache.build(enc, texts, progress=False)
@@ -73,7 +85,7 @@ def trained_run(tmp_path_factory):
     training.fit(model, train_ds, epochs=6, warmup_epochs=1, init_batches=5, recall_k=None, verbose=0)
     run = str(root / "run")
     rd.save_model(run, model)
-    rd.write_json(rd.path(run, rd.TRAIN_CONFIG), {"dataset_dir": dataset_dir, "beta": 0.5, "seed": 0})
+    rd.write_json(rd.path(run, rd.TRAIN_CONFIG), {"dataset_dir": dataset_dir, "beta": 0.5, "seed": 0, "recall_k": 3})
     cache.save(rd.path(run, rd.TEXT_CACHE))
     _add_new_users(dataset_dir)  # after the cache: their texts must go through the encoder
     truth = _write_truth(str(root / "segments_truth.csv"))
@@ -84,7 +96,7 @@ def trained_run(tmp_path_factory):
 def evaluation(trained_run):
     run, _, truth = trained_run
     config = evaluate.EvaluateConfig(run_dir=run, ks=KS, baseline_params=TINY_BASELINES, truth_path=truth,
-                                     compare_run_dir=run, batch_size=8)
+                                     baseline_grids=(("ease", TINY_EASE_GRID),), compare_run_dir=run, batch_size=8)
     return config, evaluate.run_evaluation(config, progress=False)
 
 
@@ -98,9 +110,12 @@ def test_every_model_is_ranked_and_reported(evaluation):
     for name in ALL_MODELS:
         s = results["models"][name]
         assert 0.0 <= s["recall@3"] <= s["recall@10"] <= 1.0
-        # 30 users' held-out items + new0 + new1's known target; new1's "zz-gone" is not ranked.
+        # 30 users' held-out items + new0 + new1's known target; new1's "zz-gone" is not ranked, and u0's
+        # repeat target is reported apart.
         assert s["count"] == 32
-    assert results["queries"] == {"ranked": 32, "unknown_target": 1, "eval_users_not_in_train": 2}
+        assert results["repeat_targets"][name]["count"] == 1
+    assert results["queries"] == {"ranked": 32, "repeat_targets": 1, "unknown_target": 1,
+                                  "eval_users_not_in_train": 2, "repeats": "exclude"}
     out = os.path.join(config.run_dir, "evaluation")
     assert results["config"]["output_dir"] == out and results["config"]["beta"] == 0.5
     for name in (report.REPORT_JSON, report.REPORT_MD, report.RECALL_PNG, report.SIZES_PNG, report.HEATMAP_PNG,
@@ -108,51 +123,137 @@ def test_every_model_is_ranked_and_reported(evaluation):
         assert os.path.join(out, name) in results["paths"] and os.path.getsize(os.path.join(out, name)) > 0
     md = open(os.path.join(out, report.REPORT_MD)).read()
     assert all(name in md for name in ALL_MODELS)
+    assert "## Repeat targets" in md and "## Model selection" in md
     assert json.load(open(os.path.join(out, report.REPORT_JSON))) == results
     summary = evaluate.format_summary(results)
     assert "recall@10" in summary and all(name in summary for name in ALL_MODELS)
+    assert "chosen on valid" in summary and "test scored once" in summary
 
 
 def test_segrec_finds_the_planted_groups(evaluation):
     _, ev = evaluation
     models = ev.results["models"]
-    # A user's held-out item is one of the 3 group items they have not bought;
-    # of the 19 items left after excluding their 5, a random ranking puts it in
-    # the top 3 with probability 3/19 ~ 0.16. Popularity knows no groups.
+    # A user's held-out item is one of the 2 group items they have not consumed;
+    # of the 18 items left after excluding their 6, a random ranking puts it in
+    # the top 3 with probability ~ 0.17. Popularity knows no groups.
     assert models["segrec"]["recall@3"] > 0.5
     assert models["segrec"]["recall@3"] > models["popularity"]["recall@3"] + 0.2
 
 
-def test_training_items_are_excluded_from_every_top_list(evaluation):
+def test_consumed_items_are_excluded_from_every_top_list(evaluation):
     _, ev = evaluation
     assert len(ev.exclude) == len(ev.targets) == 32
     for name, ranking in ev.rankings.items():
         for q, top in enumerate(ranking.top_items):
-            banned = set(ev.exclude[q].tolist()) - {int(ev.targets[q])}
+            banned = set(ev.exclude[q].tolist())
+            assert int(ev.targets[q]) not in banned  # exclude rule: a consumed target is not a main query
             assert not banned & set(top.tolist()), (name, q)
             # Nothing but the excluded items is taken out of the candidates.
             assert ranking.n_candidates[q] == len(ev.item_ids) - len(banned)
-    # u0's query excludes u0's five training items; new0 (not in train, no history) excludes nothing.
+    # u0's test query excludes everything u0 consumed before it: five training items and the validation item.
     dataset_dir = ev.results["config"]["dataset_dir"]
-    train, evals = da.load_split(dataset_dir, "train"), da.load_split(dataset_dir, "eval")
+    evals = da.load_split(dataset_dir, "eval")
+    log = da.load_events(dataset_dir)
     idx = da.item_index(ev.item_ids)
-    u0_items = {idx[i] for u, i in zip(train.user_ids, train.item_ids) if u == "u0"}
+    u0_items = {idx[e.item_id] for _, e in log.labelled("u0")}
+    assert [s for s, _ in log.labelled("u0")] == ["train"] * 5 + ["valid"] and len(u0_items) == 6
     query_user = list(evals.user_ids[ev.queries])
-    assert set(ev.exclude[query_user.index("u0")].tolist()) == u0_items and len(u0_items) == 5
+    assert set(ev.exclude[query_user.index("u0")].tolist()) == u0_items
+    # new0 (no events, no history) excludes nothing; new1 (no events) its history item.
     assert ev.exclude[query_user.index("new0")].size == 0
+    assert ev.exclude[query_user.index("new1")].tolist() == [idx["k6"]]
 
 
-def test_exclusion_sets_by_hand():
-    # u has trained on a, b (b also in a history); the query's history holds c;
-    # "x" is not in the catalog. Catalog order a, b, c, d -> exclude {0, 1, 2}.
-    split = da.SplitArrays(np.array(["u"], object), np.array(["d"], object), np.array([5]), [["c", "x"]],
-                           np.array(["t"], object))
-    out = evaluate.exclusion_sets(split, [0], {"u": {"a", "b"}}, {"a": 0, "b": 1, "c": 2, "d": 3})
-    assert [e.tolist() for e in out] == [[0, 1, 2]]
-    # Ranked: scores favour a > b > c > d; with a, b, c excluded d is first.
-    scores = np.array([[4.0, 3.0, 2.0, 1.0]])
-    r = metrics.rank_targets(lambda s: scores[s], 1, np.array([3]), out, top_k=2)
-    assert r.ranks.tolist() == [1.0] and r.top_items.tolist() == [[3, -1]]
+def test_repeat_targets_are_reported_apart_with_nothing_removed(evaluation):
+    _, ev = evaluation
+    dataset_dir = ev.results["config"]["dataset_dir"]
+    evals = da.load_split(dataset_dir, "eval")
+    assert ev.repeat_queries.size == 1 and evals.user_ids[ev.repeat_queries[0]] == "u0"
+    assert ev.repeat_queries[0] not in set(ev.queries.tolist())
+    for name, ranking in ev.repeat_rankings.items():
+        assert ranking.num_queries == 1 and ranking.n_candidates[0] == len(ev.item_ids), name
+        assert ev.results["repeat_targets"][name]["count"] == 1
+
+
+def test_train_time_recall_ranks_exactly_like_evaluate(trained_run, evaluation, tmp_path):
+    """One repeat rule, one rank function: train-time recall's ranks of the test queries are evaluate's,
+    under "exclude" and under "allow" (where the repeat target is ranked too, with nothing removed)."""
+    import shutil
+
+    run_dir, dataset_dir, _ = trained_run
+    config, ev = evaluation
+    run = rd.load_run(run_dir)
+    catalog = data.load_catalog(dataset_dir)
+    queries = da.load_queries(dataset_dir, "eval", catalog.item_ids)
+    assert queries.rule == "exclude" and queries.candidates.repeat.sum() == 1
+    ranks = training.validation_ranks(run.model, queries, 0.5, run.text_cache, batch_size=config.batch_size)
+    np.testing.assert_array_equal(ranks, ev.rankings["segrec"].ranks)
+    k = 3
+    assert training.recall_at_k(run.model, queries, k, 0.5, run.text_cache, config.batch_size) == \
+        pytest.approx(ev.results["models"]["segrec"][f"recall@{k}"])
+
+    allow_dir = str(tmp_path / "allow")
+    shutil.copytree(dataset_dir, allow_dir)
+    meta = json.load(open(os.path.join(allow_dir, features.METADATA_FILE)))
+    with open(os.path.join(allow_dir, features.METADATA_FILE), "w") as f:
+        json.dump({**meta, "repeats": "allow"}, f)
+    allowed = evaluate.run_evaluation(dataclasses.replace(config, dataset_dir=allow_dir, output_dir=str(tmp_path / "e"),
+                                                          baselines=(), baseline_params=(), baseline_grids=(),
+                                                          compare_run_dir=None),
+                                      progress=False)
+    assert allowed.results["queries"]["ranked"] == 33 and allowed.results["queries"]["repeats"] == "allow"
+    assert all(e.size == 0 for e in allowed.exclude)
+    a_queries = da.load_queries(allow_dir, "eval", catalog.item_ids)
+    a_ranks = training.validation_ranks(run.model, a_queries, 0.5, run.text_cache, batch_size=config.batch_size)
+    np.testing.assert_array_equal(a_ranks, allowed.rankings["segrec"].ranks)
+    # Ranked with nothing removed, a query's target can only fall (or stay): more candidates.
+    main = list(allowed.queries)
+    back = np.array([main.index(q) for q in ev.queries])
+    assert np.all(allowed.rankings["segrec"].ranks[back] >= ev.rankings["segrec"].ranks)
+
+
+def test_baselines_are_chosen_on_validation_and_fitted_on_every_training_interaction(evaluation):
+    _, ev = evaluation
+    sel = ev.results["model_selection"]
+    assert sel["split"] == "valid" and sel["metric"] == "recall@3" and sel["repeats"] == "exclude"
+    assert sel["models"]["segrec"]["split"] is None  # this run records no selection: said so, not invented
+    ease = sel["models"]["ease"]
+    grid = dict((v, m) for v, m in ease["grid"])
+    assert [v for v, _ in ease["grid"]] == list(TINY_EASE_GRID) and not ease["forced"]
+    assert grid[ease["chosen"]] == max(grid.values())
+    assert next(v for v, m in ease["grid"] if m == max(grid.values())) == ease["chosen"]  # ties: the first
+    assert ease["config"]["l2"] == ease["chosen"] and ease["refit_on"] == ["train", "valid"]
+    tower = sel["models"]["id_two_tower"]
+    assert tower["forced"] and tower["chosen"] == 1 and "grid" not in tower  # --id-two-tower-epochs 1
+    assert sel["models"]["popularity"]["param"] is None
+    # "heavy" has no example, only 40 training events of HEAVY_ITEM: popularity still puts it first.
+    heavy = ev.item_ids.index(HEAVY_ITEM)
+    pop = ev.rankings["popularity"]
+    assert all(top[0] == heavy for q, top in enumerate(pop.top_items) if heavy not in ev.exclude[q])
+
+
+@pytest.mark.slow
+def test_sasrec_is_one_registration_away(evaluation, tmp_path):
+    """SASRec (a baseline that picks its epochs on the validation pairs itself) through evaluate: chosen on
+    validation, refitted on train + valid for the chosen epochs, scored on test with the others' queries."""
+    config, ev = evaluation
+    sas = evaluate.run_evaluation(dataclasses.replace(
+        config, output_dir=str(tmp_path / "e"), baselines=("sasrec",), baseline_grids=(), compare_run_dir=None,
+        baseline_params=(("sasrec", {"max_epochs": 3, "eval_every": 1, "patience": 2, "embedding_dim": 8,
+                                     "max_len": 8, "batch_size": 32}),)), progress=False)
+    rec = sas.results["model_selection"]["models"]["sasrec"]
+    chosen = rec["self_selected"]
+    assert chosen["split"] == "validation" and 1 <= chosen["best_epoch"] <= 3
+    assert rec["config"]["max_epochs"] == chosen["best_epoch"] and rec["refit_on"] == ["train", "valid"]
+    assert sas.results["models"]["sasrec"]["count"] == 32 and sas.results["repeat_targets"]["sasrec"]["count"] == 1
+    np.testing.assert_array_equal(sas.rankings["segrec"].ranks, ev.rankings["segrec"].ranks)
+
+
+def test_a_dataset_dir_without_validation_split_is_refused(trained_run, tmp_path):
+    run_dir, _, _ = trained_run
+    old = mf.write_dataset(str(tmp_path / "schema1"))  # train-* and eval-* only, as segrec preprocess wrote before
+    with pytest.raises(FileNotFoundError, match="re-run `segrec preprocess`"):
+        evaluate.run_evaluation(evaluate.EvaluateConfig(run_dir=run_dir, dataset_dir=old, baselines=()), progress=False)
 
 
 def test_breakdown_per_segment_and_cold_users(evaluation):

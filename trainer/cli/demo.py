@@ -98,7 +98,8 @@ def run(config: DemoConfig, echo=print) -> dict:
         state["preprocess"] = summary.stats
         echo(preprocess.format_summary(summary))
         st = summary.stats
-        return f"{st['examples']['train']:,} train / {st['examples']['eval']:,} eval examples in {dataset_dir}"
+        return (f"{st['examples']['train']:,} train / {st['examples']['valid']:,} valid / "
+                f"{st['examples']['eval']:,} test examples in {dataset_dir}")
 
     run_dir = os.path.join(config.output_dir, "run")
     eval_dir = os.path.join(config.output_dir, "evaluation")
@@ -113,18 +114,19 @@ def run(config: DemoConfig, echo=print) -> dict:
         summary = train.train(tc, env={})
         echo(train.format_summary(summary, tc))
         state["train"] = {"recall@50": summary.best_recall, "segments": summary.num_segments}
-        return f"{summary.epochs_run} epochs, {summary.num_segments} segments, eval recall@50 {summary.best_recall:.3f}"
+        return (f"{summary.epochs_run} epochs, {summary.num_segments} segments, validation recall@50 "
+                f"{summary.best_recall:.3f} at beta {summary.beta:g} (epoch and beta chosen on validation)")
 
     def evaluate_stage() -> str:
         from trainer.evaluation import evaluate
 
-        ec = evaluate.EvaluateConfig(run_dir=run_dir, output_dir=eval_dir, baselines=config.baselines,
-                                     baseline_params=(("id_two_tower", {"epochs": 3}),), seed=config.seed)
+        # Every baseline's hyper-parameters are chosen on the validation split; test is scored once.
+        ec = evaluate.EvaluateConfig(run_dir=run_dir, output_dir=eval_dir, baselines=config.baselines, seed=config.seed)
         results = evaluate.evaluate(ec)
         echo(evaluate.format_summary(results))
         state["evaluate"] = results["models"]
         seg = results["models"]["segrec"]
-        return f"segrec recall@50 {seg['recall@50']:.3f}; report in {eval_dir}/report.md"
+        return f"segrec test recall@50 {seg['recall@50']:.3f}; report in {eval_dir}/report.md"
 
     models_dir = os.path.join(config.output_dir, "models")
     server_holder: dict = {}

@@ -111,22 +111,27 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="what `segrec train` wrote")
     p.add_argument("--dataset-dir", help="default: the dataset the run was trained on")
     p.add_argument("--output-dir", help="default: <run-dir>/evaluation")
-    p.add_argument("--beta", type=float, help="segment pull of the query (default: the run's)")
+    p.add_argument("--beta", type=float, help="segment pull of the query (default: the run's, chosen on validation)")
     p.add_argument("--baselines", default="popularity,ease,id_two_tower",
-                   help="comma-separated: popularity, ease, id_two_tower (empty: none)")
-    p.add_argument("--id-two-tower-epochs", type=int, default=3)
-    p.add_argument("--ease-l2", type=float, default=500.0)
+                   help="comma-separated: popularity, ease, id_two_tower, sasrec (empty: none); each is fitted on "
+                        "every training interaction, tuned on the validation split, refitted on train + valid")
+    p.add_argument("--id-two-tower-epochs", type=int, default=None,
+                   help="force the ID two-tower's epochs (default: chosen on the validation split from 1,2,3,5,10)")
+    p.add_argument("--ease-l2", type=float, default=None,
+                   help="force EASE's l2 (default: chosen on the validation split from 10,50,100,200,500,1000,2000)")
     p.add_argument("--truth", help="ground-truth segments CSV (user_id,segment); default: the generator's, if found")
     p.add_argument("--compare-run", help="a second run (another seed) for segment stability (ARI)")
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("evaluate", "Full-catalog evaluation of a run against popularity, EASE and an ID-only two-tower.")(_add_evaluate_args)
+@command("evaluate", "Full-catalog evaluation of a run against popularity, EASE and an ID-only two-tower: "
+                     "everything tuned chosen on validation, test scored once.")(_add_evaluate_args)
 def run_evaluate(args: argparse.Namespace, beam_args) -> int:
     from trainer.evaluation import evaluate
 
     baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
-    params = (("id_two_tower", {"epochs": args.id_two_tower_epochs}), ("ease", {"l2": args.ease_l2}))
+    params = tuple((name, p) for name, p in (("id_two_tower", {"epochs": args.id_two_tower_epochs}),
+                                             ("ease", {"l2": args.ease_l2})) if None not in p.values())
     config = evaluate.EvaluateConfig(
         run_dir=args.run_dir, dataset_dir=args.dataset_dir, output_dir=args.output_dir, beta=args.beta,
         baselines=baselines, baseline_params=tuple(p for p in params if p[0] in baselines),

@@ -11,6 +11,14 @@ items 0..n_items-1):
   fit(train_user_idx [P], train_item_idx [P], n_items, n_users=None) -> self
   score(user_slice [b]) -> [b, n_items] float32, higher is better
   get_config() / from_config(config); `name`
+  fit_grid(param, values, *fit_args, **fit_kwargs) -> {value: fitted model}
+    (one fit per value by default; IdTwoTowerBaseline trains once for
+    "epochs" and snapshots each epoch of the grid)
+
+`segrec evaluate` fits every baseline on every training interaction (the
+event log's training period), chooses its hyper-parameters on the validation
+split (trainer.evaluation.evaluate.TUNING), refits the chosen configuration
+on the training and validation periods, and scores test once.
 
 `score` fits `trainer.evaluation.ranking.rank_targets`'s score_fn once the caller maps
 query positions to user indices (e.g. `lambda q: model.score(users[q])`).
@@ -61,6 +69,13 @@ class Baseline:
 
     def score(self, user_slice: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def fit_grid(self, param: str, values, *fit_args, **fit_kwargs) -> dict:
+        """{value: a copy of this baseline with `param` = value, fitted}: one fit per value."""
+        config = self.get_config()
+        if param not in config:
+            raise ValueError(f"{type(self).__name__} has no hyper-parameter {param!r} (has {sorted(config)})")
+        return {v: type(self)(**{**config, param: v}).fit(*fit_args, **fit_kwargs) for v in values}
 
     def _check_fitted(self, attr: str) -> None:
         if getattr(self, attr, None) is None:
@@ -255,11 +270,42 @@ class IdTwoTowerBaseline(Baseline):
             .shuffle(users.size, seed=self.seed, reshuffle_each_iteration=True)
             .batch(self.batch_size)
         )
-        hist = model.fit(ds, epochs=self.epochs, verbose=self.verbose)
+        snapshots = {}
+        keep = set(int(e) for e in getattr(self, "_snapshot_epochs", ()))
+
+        class _Snapshot(tf.keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch + 1 in keep:
+                    snapshots[epoch + 1] = (model.user_tower.embeddings.numpy().astype(np.float32),
+                                            model.item_tower.embeddings.numpy().astype(np.float32))
+
+        hist = model.fit(ds, epochs=self.epochs, verbose=self.verbose, callbacks=[_Snapshot()] if keep else [])
         self.history_ = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
         self.user_embeddings_ = model.user_tower.embeddings.numpy().astype(np.float32)
         self.item_embeddings_ = model.item_tower.embeddings.numpy().astype(np.float32)
+        self.snapshots_ = snapshots
         return self
+
+    def fit_grid(self, param, values, *fit_args, **fit_kwargs):
+        """For "epochs": one training run of max(values) epochs, the embeddings
+        snapshotted after each epoch in `values` - the same models as one fit
+        per value (the seeded shuffle gives every epoch the same order), at
+        the cost of the longest. Other params: one fit per value."""
+        if param != "epochs":
+            return super().fit_grid(param, values, *fit_args, **fit_kwargs)
+        values = sorted({int(v) for v in values})
+        if not values or values[0] < 1:
+            raise ValueError(f"epochs grid must hold positive integers, got {values}")
+        longest = IdTwoTowerBaseline(**{**self.get_config(), "epochs": values[-1]})
+        longest._snapshot_epochs = tuple(values)
+        longest.fit(*fit_args, **fit_kwargs)
+        out = {}
+        for e in values:
+            m = IdTwoTowerBaseline(**{**self.get_config(), "epochs": e})
+            m.user_embeddings_, m.item_embeddings_ = longest.snapshots_[e]
+            m.history_ = {k: v[:e] for k, v in longest.history_.items()}
+            out[e] = m
+        return out
 
     def score(self, user_slice):
         """[b] user indices -> [b, N] dot products; users unseen in training score 0."""

@@ -1,19 +1,33 @@
 """`segrec evaluate` as a library: full-catalog ranking of a trained run
 against baselines, per-segment breakdowns, segment quality and the report.
 
-Every model is ranked on the same queries (the eval split's examples), over
-the same candidates (the whole catalog, in `trainer.data.tf_dataset.Catalog` order),
-with the same exclusions (the user's training-period items and the query's
-history; never the target, see trainer.evaluation.ranking) and the same pessimistic
-tie rule, so the numbers in one table are comparable.
+Honest by construction: everything tuned is chosen on the validation split
+and the test split (eval-*) is scored once.
 
-Users and baselines: baselines are fitted on the training split's
-(user, target item) pairs, with user indices 0..U-1 for the users seen in
-training. Eval users absent from training get indices >= U: popularity
-ranks their items like everyone's; EASE and the ID two-tower score every
-item 0 for them (they know nothing of the user), which the pessimistic tie
-rule ranks last - an honest miss, not a lucky hit. The segrec model reads
-their text and history, which is the point of its text tower.
+- segrec: the run's checkpoint (best validation epoch) and beta (chosen on
+  validation unless forced), both recorded by `segrec train` in metrics.json;
+  evaluate reads them and scores test.
+- Baselines (trainer.evaluation.selection): fitted on every training
+  interaction (the event log's training period), hyper-parameters chosen on
+  the validation queries (EASE l2 from a grid, the ID two-tower's epochs, ...)
+  by the validation Recall@K that chose segrec's epoch, then refitted on the
+  training and validation periods - what a test query may see - and scored
+  on test once.
+
+Every model is ranked on the same test queries, over the same candidates
+(the whole catalog, in `trainer.data.tf_dataset.Catalog` order, minus what
+the dataset's repeat rule removes: trainer.data.candidates), with the same
+pessimistic tie rule, so the numbers in one table are comparable. Under the
+"exclude" repeat rule the queries whose target the user already consumed
+are not in the main metrics; they get their own "repeat targets" row, ranked
+with nothing removed (as under "allow"), for information.
+
+Users and baselines: the users with fitting pairs get indices 0..U-1; query
+users without any get indices >= U: popularity ranks their items like
+everyone's; EASE and the ID two-tower score every item 0 for them (they know
+nothing of the user), which the pessimistic tie rule ranks last - an honest
+miss, not a lucky hit. The segrec model reads their text and history, which
+is the point of its text tower.
 
 Segments: each query is grouped by the segment the model assigns to it, and
 the baselines are broken down by the same groups, so a segment where segrec
@@ -35,10 +49,10 @@ import tensorflow as tf
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 from trainer import features, reporting
 from trainer.data import arrays as da
+from trainer.data import examples as ex
 from trainer.data import tf_dataset as data
-from trainer.evaluation import baselines as baselines_lib
 from trainer.evaluation import ranking as metrics
-from trainer.evaluation import report
+from trainer.evaluation import report, selection
 from trainer.model import run_dir as rd
 from trainer.model.batched_outputs import model_outputs
 from trainer.segments import quality as sq
@@ -47,6 +61,7 @@ _LOG = logging.getLogger("segrec.evaluate")
 
 MODEL_NAME = "segrec"
 EVALUATION_DIR = "evaluation"
+REPEAT_ROW = "repeat targets"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +72,11 @@ class EvaluateConfig:
     dataset_dir: Optional[str] = None  # default: the run's train_config["dataset_dir"]
     output_dir: Optional[str] = None  # default: <run_dir>/evaluation
     ks: tuple = metrics.DEFAULT_KS
-    beta: Optional[float] = None  # default: train_config.get("beta", 0.0)
+    beta: Optional[float] = None  # default: the run's (chosen on validation by `segrec train`)
     baselines: tuple = ("popularity", "ease", "id_two_tower")
-    baseline_params: tuple = ()  # ((name, {param: value}), ...)
+    baseline_params: tuple = ()  # ((name, {param: value}), ...); a tuned param given here is forced
+    baseline_grids: tuple = ()  # ((name, (values...)), ...): overrides selection.TUNING's grids
+    selection_metric: Optional[str] = None  # default: recall@<the run's recall_k> (what chose segrec's epoch)
     truth_path: Optional[str] = None  # default: dataset_arrays.truth_path_for(dataset_dir)
     compare_run_dir: Optional[str] = None  # a second run: stability ARI of segment labels
     cold_max_history: int = 2
@@ -73,23 +90,32 @@ class EvaluateConfig:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
         if self.cold_max_history < 0:
             raise ValueError(f"cold_max_history must be >= 0; got {self.cold_max_history}")
-        unknown = [b for b in self.baselines if b not in baselines_lib.BASELINES]
+        unknown = [b for b in self.baselines if b not in selection.REGISTRY]
         if unknown:
-            raise ValueError(f"unknown baseline(s) {unknown}; choose from {sorted(baselines_lib.BASELINES)}")
-        extra = [name for name, _ in self.baseline_params if name not in self.baselines]
+            raise ValueError(f"unknown baseline(s) {unknown}; choose from {sorted(selection.REGISTRY)}")
+        extra = [name for name, _ in tuple(self.baseline_params) + tuple(self.baseline_grids)
+                 if name not in self.baselines]
         if extra:
             raise ValueError(f"baseline_params name {extra}, which are not among baselines {list(self.baselines)}")
+        if self.selection_metric is not None and not (
+                self.selection_metric.startswith("recall@") or self.selection_metric in ("ndcg@10", "mrr")):
+            raise ValueError(f"selection_metric must be recall@K, ndcg@10 or mrr; got {self.selection_metric!r}")
 
 
 @dataclasses.dataclass
 class Evaluation:
     """What `run_evaluation` computed, beyond the JSON-able results.
 
-    queries: [Q] rows of the eval split that were ranked; targets: [Q] catalog
-    index of each query's target; exclude: Q int arrays (catalog indices
-    excluded per query); segment_of_query: [Q] segment the model assigned;
-    rankings: model name -> trainer.evaluation.ranking.RankingResult over the Q queries;
-    user_ids [U], user_embeddings [U, d], user_labels [U]: one row per user.
+    queries: [Q] rows of the eval (test) split in the main metrics; targets:
+    [Q] catalog index of each query's target; exclude: Q int arrays (catalog
+    indices each is ranked without: the repeat rule); segment_of_query: [Q]
+    segment the model assigned; rankings: model name ->
+    trainer.evaluation.ranking.RankingResult over the Q queries; user_ids [U],
+    user_embeddings [U, d], user_labels [U]: one row per user;
+    repeat_queries: rows of the eval split whose target the user already
+    consumed (under "exclude": not in `queries`); repeat_rankings: model name
+    -> their RankingResult, nothing removed; selection: report.json's
+    "model_selection".
     """
 
     results: dict
@@ -102,6 +128,9 @@ class Evaluation:
     user_ids: np.ndarray
     user_embeddings: np.ndarray
     user_labels: np.ndarray
+    repeat_queries: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    repeat_rankings: dict = dataclasses.field(default_factory=dict)
+    selection: dict = dataclasses.field(default_factory=dict)
 
 
 # --- model outputs ------------------------------------------------------------------
@@ -123,14 +152,21 @@ def item_vectors(model, item_ids) -> tuple[np.ndarray, np.ndarray]:
     return out, rows >= 0
 
 
-def exclusion_sets(split: da.SplitArrays, rows, train_items: dict, item_index: dict) -> list:
-    """Per query: catalog indices of the user's training-period items and the
-    query's own history (ids outside the catalog are skipped)."""
-    out = []
-    for r in rows:
-        seen = set(train_items.get(split.user_ids[r], ())) | set(split.histories[r])
-        out.append(np.array(sorted(item_index[i] for i in seen if i in item_index), np.int64))
-    return out
+def rank_queries(score_fn, queries: da.RankedQueries, batch_size: int) -> tuple:
+    """(main ranking, repeat-target ranking) of one model on `queries`.
+
+    score_fn(positions [b] into queries.rows) -> [b, N]. Main: the queries of
+    the main metrics (candidates.main), ranked without what the repeat rule
+    removes. Repeat targets: the queries whose target the user already
+    consumed, ranked with nothing removed (for information; under "allow"
+    they are in the main ranking too).
+    """
+    main = np.flatnonzero(queries.candidates.main)
+    rep = np.flatnonzero(queries.candidates.repeat)
+    exclude = [queries.candidates.exclude[i] for i in main]
+    main_r = metrics.rank_targets(lambda s: score_fn(main[s]), main.size, queries.targets[main], exclude, batch_size)
+    rep_r = metrics.rank_targets(lambda s: score_fn(rep[s]), rep.size, queries.targets[rep], None, batch_size)
+    return main_r, rep_r
 
 
 # --- helpers of the report ---------------------------------------------------------------
@@ -146,16 +182,19 @@ def _segment_names(run, k: int) -> list:
     return names
 
 
-def _snapshot_outputs(model, ev, train, ev_rows, tr_rows, beta, cache, batch_size, ev_outputs=None):
-    """EMBEDDING and SEGMENT_ID per snapshot user (eval rows may reuse `ev_outputs`, indexed by eval row)."""
-    if ev_outputs is not None:
-        emb_e, seg_e = ev_outputs[features.EMBEDDING][ev_rows], ev_outputs[features.SEGMENT_ID][ev_rows]
-    else:
-        out = model_outputs(model, ev, ev_rows, beta, cache, batch_size)
-        emb_e, seg_e = out[features.EMBEDDING], out[features.SEGMENT_ID]
-    out = model_outputs(model, train, tr_rows, beta, cache, batch_size)
-    return (np.concatenate([emb_e, out[features.EMBEDDING]]),
-            np.concatenate([seg_e, out[features.SEGMENT_ID]]).astype(np.int64))
+def _snapshot_outputs(model, splits, rows, beta, cache, batch_size, first_outputs=None):
+    """EMBEDDING and SEGMENT_ID per snapshot user: `rows` of each of `splits`
+    (da.snapshot_rows); the first split's may reuse `first_outputs`, indexed by its row."""
+    emb, seg = [], []
+    for j, (split, r) in enumerate(zip(splits, rows)):
+        if j == 0 and first_outputs is not None:
+            emb.append(first_outputs[features.EMBEDDING][r])
+            seg.append(first_outputs[features.SEGMENT_ID][r])
+        elif len(r):
+            out = model_outputs(model, split, r, beta, cache, batch_size)
+            emb.append(out[features.EMBEDDING])
+            seg.append(out[features.SEGMENT_ID])
+    return np.concatenate(emb), np.concatenate(seg).astype(np.int64)
 
 
 def segment_category_shares(train: da.SplitArrays, user_label: dict, catalog, k: int) -> tuple[np.ndarray, list]:
@@ -181,26 +220,61 @@ def segment_category_shares(train: da.SplitArrays, user_label: dict, catalog, k:
     return shares, cats
 
 
-def _fit_baselines(config, train, user_index, n_train_users, item_index, n_items, progress):
-    """name -> fitted baseline, on the training (user, target) pairs."""
-    keep = np.array([i in item_index for i in train.item_ids], bool)
-    u = np.array([user_index[x] for x in train.user_ids[keep]], np.int64)
-    i = np.array([item_index[x] for x in train.item_ids[keep]], np.int64)
+def segrec_selection(run, beta: float, forced_beta: bool) -> dict:
+    """What chose segrec's checkpoint and beta, from the run's metrics.json."""
+    path = rd.path(run.run_dir, rd.METRICS)
+    chosen = rd.read_json(path).get("selection") if tf.io.gfile.exists(path) else None
+    if not chosen:
+        return {"split": None, "note": "the run records no selection (trained by an older segrec): its epoch "
+                                       "and beta may have been chosen on the test split", "beta": beta}
+    out = dict(chosen)
+    if forced_beta:
+        out["beta"] = {**chosen.get("beta", {}), "evaluated": beta, "forced_by_evaluate": True}
+    return out
+
+
+def _baselines(config, names, events, valid_q, test_q, item_index, metric, ks, progress) -> tuple:
+    """Chooses each baseline on validation, refits it on train + valid, ranks test.
+
+    Returns ({name: (main ranking, repeat ranking)}, {name: selection record}, users not in the refit).
+    """
     params = {name: dict(p) for name, p in config.baseline_params}
-    names = list(config.baselines)
+    grids = {name: tuple(v) for name, v in config.baseline_grids}
+    select_ks = tuple(sorted(set(ks) | {int(metric.split("@")[1])})) if metric.startswith("recall@") else ks
+
+    def period(splits, queries):
+        u, i, t = events.pairs(splits)
+        users = selection.user_index(u, queries.split.user_ids[queries.rows])
+        n_fit = len(set(u))
+        return selection.fit_data(u, i, t, item_index, users, n_fit), users, n_fit
+
+    train_data, valid_users, _ = period((ex.TRAIN,), valid_q)
+    test_data, test_users, n_test_fit = period((ex.TRAIN, ex.VALID), test_q)
+    v_users = np.array([valid_users[u] for u in valid_q.split.user_ids[valid_q.rows]], np.int64)
+    t_users = np.array([test_users[u] for u in test_q.split.user_ids[test_q.rows]], np.int64)
+    v_main = np.flatnonzero(valid_q.candidates.main)
+    valid_pairs = (v_users[v_main], valid_q.targets[v_main])
+
+    def validate(model):
+        main_r, _ = rank_queries(lambda s: model.score(v_users[s]), valid_q, config.batch_size)
+        return metrics.summarize(main_r, select_ks)
+
     if progress and names:
         from tqdm.auto import tqdm
 
-        names = tqdm(names, desc="baselines", unit="model")
-    fitted = {}
+        names = tqdm(list(names), desc="baselines", unit="model")
+    rankings, records = {}, {}
     for name in names:
         p = params.get(name, {})
-        if name == "id_two_tower":
+        if "seed" in selection.make_baseline(name).get_config():
             p.setdefault("seed", config.seed)
+        chosen = selection.select(name, p, train_data, validate, metric, valid_pairs, grids.get(name))
         t = time.time()
-        fitted[name] = baselines_lib.make_baseline(name, **p).fit(u, i, n_items, n_users=n_train_users)
-        _LOG.info("baseline %s fitted in %.1f s", name, time.time() - t)
-    return fitted
+        model = selection.refit(chosen, test_data)
+        rankings[name] = rank_queries(lambda s, m=model: m.score(t_users[s]), test_q, config.batch_size)
+        records[name] = {**chosen.record, "refit_on": [ex.TRAIN, ex.VALID], "scored_on": ex.EVAL}
+        _LOG.info("baseline %s refitted on train + valid and scored on test in %.1f s", name, time.time() - t)
+    return rankings, records, int(len(test_users) - n_test_fit)
 
 
 # --- the command ------------------------------------------------------------------------
@@ -220,36 +294,35 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     if not config.dataset_dir and not run.train_config.get("dataset_dir"):
         raise ValueError(f"{config.run_dir}: train_config.json names no dataset_dir; pass the dataset dir explicitly")
     dataset_dir = config.dataset_dir or run.dataset_dir
+    da.require_validation(dataset_dir)
     output_dir = config.output_dir or rd.path(config.run_dir, EVALUATION_DIR)
     beta = float(run.train_config.get("beta", 0.0) if config.beta is None else config.beta)
     ks = tuple(int(k) for k in config.ks)
+    metric = config.selection_metric or f"recall@{int(run.train_config.get('recall_k', 50))}"
+    rule = da.repeat_rule(dataset_dir)
     catalog = data.load_catalog(dataset_dir)
-    train = da.load_split(dataset_dir, "train")
-    ev = da.load_split(dataset_dir, "eval")
+    events = da.load_events(dataset_dir)
+    train = da.load_split(dataset_dir, ex.TRAIN)
+    valid = da.load_split(dataset_dir, ex.VALID)
+    ev = da.load_split(dataset_dir, ex.EVAL)  # the test split: every model below is scored on it once
     if not len(ev):
-        raise ValueError(f"{dataset_dir}: the eval split has no examples; nothing to evaluate")
-    _LOG.info("loaded run %s, dataset %s: %d items, %d train / %d eval examples",
-              config.run_dir, dataset_dir, len(catalog), len(train), len(ev))
+        raise ValueError(f"{dataset_dir}: the eval (test) split has no examples; nothing to evaluate")
+    valid_q = da.load_queries(dataset_dir, ex.VALID, catalog.item_ids, rule, split=valid, events=events)
+    test_q = da.load_queries(dataset_dir, ex.EVAL, catalog.item_ids, rule, split=ev, events=events)
+    _LOG.info("loaded run %s, dataset %s: %d items, %d train / %d valid / %d test examples, repeat rule %r",
+              config.run_dir, dataset_dir, len(catalog), len(train), len(valid), len(ev), rule)
+    if test_q.unknown_target:
+        _LOG.warning("%d test example(s) have a target outside the catalog; they are not ranked", test_q.unknown_target)
     lap("load")
 
-    item_index = da.item_index(catalog.item_ids)
-    known_target = np.array([i in item_index for i in ev.item_ids], bool)
-    if not known_target.all():
-        _LOG.warning("%d eval example(s) have a target outside the catalog; they are not ranked",
-                     int((~known_target).sum()))
-    queries = np.flatnonzero(known_target)
-    targets = np.array([item_index[i] for i in ev.item_ids[queries]], np.int64)
-    train_items = da.train_items_by_user(train)
-    exclude = exclusion_sets(ev, queries, train_items, item_index)
-    history_len = np.array([len(ev.histories[r]) for r in queries], np.int64)
-
-    # Segment-aware model: outputs for every eval row (the snapshot below reuses them).
-    _LOG.info("segrec: scoring %d queries at beta=%g", len(queries), beta)
-    outs = model_outputs(model, ev, np.arange(len(ev)), beta, run.text_cache, config.batch_size, progress, "segrec queries")
+    # Segment-aware model: outputs for every test row (the snapshot below reuses them).
+    _LOG.info("segrec: scoring %d test queries at beta=%g", len(test_q), beta)
+    outs = model_outputs(model, ev, np.arange(len(ev)), beta, run.text_cache, config.batch_size, progress,
+                         "segrec queries")
     items, known_items = item_vectors(model, catalog.item_ids)
     if not known_items.all():
         _LOG.warning("%d catalog item(s) are unknown to the model; it ranks them last", int((~known_items).sum()))
-    base_fn = metrics.vector_score_fn(outs[features.QUERY][queries], items)
+    base_fn = metrics.vector_score_fn(outs[features.QUERY][test_q.rows], items)
 
     def segrec_scores(query_slice):
         scores = base_fn(query_slice)  # a fresh [b, N] product: safe to edit
@@ -257,39 +330,50 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         return scores
 
     score_fn = base_fn if known_items.all() else segrec_scores
-    rankings = {MODEL_NAME: metrics.rank_targets(score_fn, len(queries), targets, exclude, config.batch_size)}
+    main_rankings, repeat_rankings = {}, {}
+    main_rankings[MODEL_NAME], repeat_rankings[MODEL_NAME] = rank_queries(score_fn, test_q, config.batch_size)
+    main = np.flatnonzero(test_q.candidates.main)
+    queries = test_q.rows[main]
+    targets = test_q.targets[main]
+    exclude = [test_q.candidates.exclude[i] for i in main]
+    repeat_queries = test_q.rows[test_q.candidates.repeat]
     segment_of_query = outs[features.SEGMENT_ID][queries].astype(np.int64)
     lap("segrec")
 
-    # Baselines on the same queries; users unseen in training get indices >= n_train_users.
-    train_users = sorted(set(train.user_ids))
-    user_index = {u: j for j, u in enumerate(train_users)}
-    for u in sorted(set(ev.user_ids) - set(user_index)):
-        user_index[u] = len(user_index)
-    query_users = np.array([user_index[u] for u in ev.user_ids[queries]], np.int64)
-    fitted = _fit_baselines(config, train, user_index, len(train_users), item_index, len(catalog), progress)
-    for name, b in fitted.items():
-        rankings[name] = metrics.rank_targets(
-            lambda s, b=b: b.score(query_users[s]), len(queries), targets, exclude, config.batch_size)
+    # Baselines: chosen on validation, refitted on train + valid, scored on the same test queries.
+    base_rankings, base_records, new_users = _baselines(
+        config, list(config.baselines), events, valid_q, test_q, da.item_index(catalog.item_ids), metric, ks, progress)
+    for name, (m, r) in base_rankings.items():
+        main_rankings[name], repeat_rankings[name] = m, r
     lap("baselines")
+    model_selection = {
+        "split": ex.VALID,
+        "metric": metric,
+        "repeats": rule,
+        "test": {"split": ex.EVAL, "note": "scored once per model, after every choice was made on validation"},
+        "models": {MODEL_NAME: segrec_selection(run, beta, config.beta is not None), **base_records},
+    }
 
     # Metrics, breakdowns, recall curves.
     k = model.num_segments
     names = _segment_names(run, k)
+    history_len = np.array([len(ev.histories[r]) for r in queries], np.int64)
     groups = metrics.segment_masks(segment_of_query, names)
     cold = metrics.cold_user_mask(history_len, config.cold_max_history)
     groups[f"cold users (history <= {config.cold_max_history})"] = cold
     groups[f"warm users (history > {config.cold_max_history})"] = ~cold
-    summaries = {name: metrics.summarize(r, ks) for name, r in rankings.items()}
-    breakdowns = {name: metrics.breakdown(r, groups, ks) for name, r in rankings.items()}
-    curves = {name: metrics.recall_curve(r, range(1, max(max(ks), 100) + 1)) for name, r in rankings.items()}
+    summaries = {name: metrics.summarize(r, ks) for name, r in main_rankings.items()}
+    repeat_summaries = {name: metrics.summarize(r, ks) for name, r in repeat_rankings.items()}
+    breakdowns = {name: metrics.breakdown(r, groups, ks) for name, r in main_rankings.items()}
+    curves = {name: metrics.recall_curve(r, range(1, max(max(ks), 100) + 1)) for name, r in main_rankings.items()}
     for name, s in summaries.items():
         _LOG.info("%s: %s", name, ", ".join(f"{m}={v:.4f}" for m, v in s.items() if m != "count"))
     lap("metrics")
 
-    # Segment quality on one embedding per user.
-    user_ids, ev_rows, tr_rows = da.snapshot_rows(ev, train)
-    emb, labels = _snapshot_outputs(model, ev, train, ev_rows, tr_rows, beta, run.text_cache, config.batch_size, outs)
+    # Segment quality on one embedding per user, each as of their latest query (test, else valid, else train).
+    splits = (ev, valid, train)
+    user_ids, snap_rows = da.snapshot_rows(*splits)
+    emb, labels = _snapshot_outputs(model, splits, snap_rows, beta, run.text_cache, config.batch_size, outs)
     quality = sq.segment_quality(emb, labels, seed=config.seed)
     truth_path = config.truth_path or da.truth_path_for(dataset_dir)
     if config.truth_path and not tf.io.gfile.exists(config.truth_path):
@@ -309,7 +393,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     if config.compare_run_dir:
         other = rd.load_run(config.compare_run_dir)
         other_beta = float(other.train_config.get("beta", 0.0))
-        _, other_labels = _snapshot_outputs(other.model, ev, train, ev_rows, tr_rows, other_beta, other.text_cache,
+        _, other_labels = _snapshot_outputs(other.model, splits, snap_rows, other_beta, other.text_cache,
                                             config.batch_size)
         stab = sq.stability(labels, other_labels)
         _LOG.info("stability vs %s: ARI %.4f", config.compare_run_dir, stab)
@@ -323,24 +407,28 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         output_dir, summaries, recall_curves=curves, breakdowns=breakdowns, segment_quality=quality,
         method_comparison=comparison, segment_sizes=sizes, segment_category_matrix=shares,
         category_names=cat_names, segment_labels=names, user_embeddings=emb, user_labels=labels,
+        repeat_targets=repeat_summaries, model_selection=model_selection,
         seed=config.seed, title=f"segrec evaluation of {os.path.basename(config.run_dir.rstrip('/')) or config.run_dir}")
     lap("report")
     timings["total"] = round(time.time() - t0, 3)
 
     resolved = dict(dataclasses.asdict(config), dataset_dir=dataset_dir, output_dir=output_dir, beta=beta,
-                    truth_path=truth_path, ks=list(ks), baseline_params={n: dict(p) for n, p in config.baseline_params})
+                    truth_path=truth_path, ks=list(ks), selection_metric=metric,
+                    baseline_params={n: dict(p) for n, p in config.baseline_params},
+                    baseline_grids={n: list(v) for n, v in config.baseline_grids})
     extra = {
         "stability": stab,
-        "queries": {"ranked": int(len(queries)), "unknown_target": int((~known_target).sum()),
-                    "eval_users_not_in_train": int(len(user_index) - len(train_users))},
+        "queries": {"ranked": int(len(queries)), "repeat_targets": int(len(repeat_queries)),
+                    "unknown_target": int(test_q.unknown_target), "eval_users_not_in_train": new_users,
+                    "repeats": rule},
         "config": resolved,
         "timings_s": timings,
         "paths": paths,
     }
     results = _finish_report(output_dir, extra, stab, config.compare_run_dir)
     _LOG.info("evaluation written to %s in %.1f s", output_dir, timings["total"])
-    return Evaluation(results, catalog.item_ids, queries, targets, exclude, segment_of_query, rankings,
-                      user_ids, emb, labels)
+    return Evaluation(results, catalog.item_ids, queries, targets, exclude, segment_of_query, main_rankings,
+                      user_ids, emb, labels, repeat_queries, repeat_rankings, model_selection)
 
 
 def _finish_report(output_dir: str, extra: dict, stab, compare_run_dir) -> dict:
@@ -363,8 +451,9 @@ def _finish_report(output_dir: str, extra: dict, stab, compare_run_dir) -> dict:
 def evaluate(config: EvaluateConfig, progress: bool = True) -> dict:
     """Runs the evaluation, writes the report; returns report.json's content:
     {"models": {name: summary}, "breakdowns": {model: {group: summary}},
-    "segment_quality", "method_comparison", "stability" (float or None),
-    "segment_sizes", "segment_labels", "category_names",
+    "repeat_targets": {name: summary}, "model_selection" (which split chose
+    what: grids, chosen values), "segment_quality", "method_comparison",
+    "stability" (float or None), "segment_sizes", "segment_labels", "category_names",
     "segment_category_matrix", "recall_curves", "figures", "queries",
     "config" (resolved), "timings_s", "paths"}. NaN metrics read None."""
     return run_evaluation(config, progress).results
@@ -378,6 +467,22 @@ def format_summary(results: dict) -> str:
     lines = ["model".ljust(width) + "  " + "  ".join(k.rjust(11) for k in keys)]
     for name, s in models.items():
         lines.append(name.ljust(width) + "  " + "  ".join(_num(s.get(k)).rjust(11) for k in keys))
+    rep = results.get("repeat_targets", {})
+    if rep and next(iter(rep.values()), {}).get("count"):
+        lines.append(f"repeat targets ({next(iter(rep.values()))['count']} test queries, nothing removed): "
+                     + ", ".join(f"{name} recall@{keys[0].split('@')[1] if keys else '?'} {_num(s.get(keys[0]))}"
+                                 for name, s in rep.items()))
+    sel = results.get("model_selection", {})
+    if sel:
+        chosen = []
+        for name, rec in sel.get("models", {}).items():
+            if "checkpoint" in rec:
+                chosen.append(f"{name} epoch {rec['checkpoint'].get('best_epoch')}, beta "
+                              f"{rec.get('beta', {}).get('evaluated', rec.get('beta', {}).get('chosen'))}")
+            elif rec.get("param"):
+                chosen.append(f"{name} {rec['param']}={rec.get('chosen')}" + (" (forced)" if rec.get("forced") else ""))
+        lines.append(f"chosen on {sel.get('split')} by {sel.get('metric')} (repeat rule {sel.get('repeats')}): "
+                     + "; ".join(chosen) + "; test scored once")
     q = results.get("segment_quality", {})
     seg = f"segments: {q.get('n_segments')} non-empty, silhouette {_num(q.get('silhouette'))}"
     if "adjusted_rand" in q:

@@ -6,8 +6,10 @@ statistics) as plain dicts and numpy arrays and writes:
 
   report.json                      everything, machine-readable (NaN -> null)
   report.md                        tables of all models side by side, the
-                                   per-group breakdowns, segment quality, and
-                                   links to the figures
+                                   repeat targets, the model selection (which
+                                   split chose what), the per-group
+                                   breakdowns, segment quality, and links to
+                                   the figures
   recall_curves.png                Recall@K vs K per model
   segment_sizes.png                users per segment
   segment_category_heatmap.png     what each segment consumes, by category
@@ -136,6 +138,49 @@ def breakdown_table(breakdowns: Mapping[str, Mapping[str, Mapping]], metric_keys
     return md_table(header, rows)
 
 
+def _value(v) -> str:
+    """A hyper-parameter value as typed: 500, 0.25 (not 500.0000)."""
+    if isinstance(v, (float, np.floating)) and math.isfinite(v):
+        return f"{float(v):g}"
+    return fmt(v)
+
+
+def selection_lines(selection: Mapping) -> list[str]:
+    """Markdown lines of the "Model selection" section: which split chose what."""
+    split, metric = selection.get("split", "valid"), selection.get("metric", "?")
+    lines = [f"Every choice below was made on the **{split}** split by {metric} (full catalog, repeat rule: "
+             f"{selection.get('repeats', '?')}); the test split was scored once, afterwards. Baselines are fitted "
+             "on every training interaction, chosen on validation, then refitted on the training and validation "
+             "periods (what a test query may see); segrec's weights are trained on the training period only.", ""]
+    rows = []
+    for name, rec in selection.get("models", {}).items():
+        if "checkpoint" in rec:  # segrec, from metrics.json
+            ck, beta, k = rec["checkpoint"], rec.get("beta", {}), rec.get("num_segments", {})
+            curve = ", ".join(f"{e + 1}: {fmt(v)}" for e, v in enumerate(ck.get("per_epoch", [])))
+            rows.append([name, "epoch (best checkpoint, early stopping)", rec.get("split"), curve, fmt(ck.get("best_epoch"))])
+            grid = ", ".join(f"{_value(b)}: {fmt(v)}" for b, v in beta.get("grid", []))
+            chosen = _value(beta.get("evaluated", beta.get("chosen")))
+            how = "forced" if beta.get("forced") or beta.get("forced_by_evaluate") else rec.get("split")
+            rows.append([name, "beta", how, grid, chosen])
+            if k.get("sweep"):
+                sweep = ", ".join(f"{kk}: {fmt(v)}" for kk, v in k["sweep"])
+                rows.append([name, "K (silhouette)", k.get("split"), sweep, fmt(k.get("chosen"))])
+        elif "note" in rec:
+            rows.append([name, "-", "unknown", rec["note"], "-"])
+        elif rec.get("param"):
+            grid = ", ".join(f"{_value(v)}: {fmt(m)}" for v, m in rec.get("grid", []))
+            rows.append([name, rec["param"], "forced" if rec.get("forced") else rec.get("split"), grid or "-",
+                         _value(rec.get("chosen"))])
+        elif rec.get("self_selected"):
+            sel = rec["self_selected"]
+            rows.append([name, "epochs (its own validation selection)", sel.get("split"),
+                         f"{sel.get('metric')}: {fmt(sel.get('best_value'))}", fmt(sel.get("best_epoch"))])
+        else:
+            rows.append([name, "nothing to tune", "-", "-", "-"])
+    rows = [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
+    return lines + md_table(["Model", "Chosen", "On", f"Grid (value: validation {metric})", "Value"], rows)
+
+
 def _plot_recall_curves(path, curves, title):
     fig, ax = new_figure((7, 4.5))
     for name, (ks, values) in curves.items():
@@ -178,6 +223,8 @@ def write_report(
     max_points: int = 5000,
     seed: int = 0,
     title: str = "segrec evaluation",
+    repeat_targets: Mapping[str, Mapping] | None = None,
+    model_selection: Mapping | None = None,
 ) -> list[str]:
     """Writes report.json, report.md and the figures whose inputs are given.
 
@@ -198,6 +245,10 @@ def write_report(
         ("pca", or "tsne" - slower) after a seeded sample of `max_points`.
       user_labels: [U] segment per user (colours; -1 = noise).
       title: heading of the report and prefix of figure titles.
+      repeat_targets: model name -> summarize() dict of the queries whose
+        target the user already consumed (ranked with nothing removed).
+      model_selection: what chose each model's configuration, on which split
+        (trainer.evaluation.evaluate's "model_selection").
 
     Returns:
       Paths written, report.json and report.md first.
@@ -245,6 +296,8 @@ def write_report(
             name: {"k": np.asarray(ks), "recall": np.asarray(vals)} for name, (ks, vals) in (recall_curves or {}).items()
         },
         "figures": figures,
+        "repeat_targets": repeat_targets or {},
+        "model_selection": model_selection or {},
     }
     json_path = os.path.join(out_dir, REPORT_JSON)
     with open(json_path, "w", encoding="utf-8") as f:
@@ -252,11 +305,31 @@ def write_report(
         f.write("\n")
 
     md = [f"# {title}", ""]
+    rule = (model_selection or {}).get("repeats")
     if results:
         md += ["## Retrieval metrics", ""]
-        md += ["Full-catalog ranking of each query's held-out item; the user's training items are excluded "
-               "(the target never is); ties ranked pessimistically. Best value per column in bold.", ""]
+        if rule == "allow":
+            what = "nothing is removed from the candidates (repeat rule: allow)"
+        elif rule == "exclude":
+            what = ("every item the user consumed before the query is removed from the candidates, and queries "
+                    "whose target the user already consumed are left out (repeat rule: exclude; they have their "
+                    "own row below)")
+        else:
+            what = "the user's training items are excluded"
+        md += [f"Test split, scored once per model after every choice was made on the validation split (see "
+               f"\"Model selection\"). Full-catalog ranking of each query's held-out item; {what}; ties ranked "
+               "pessimistically. Best value per column in bold.", ""]
         md += models_table(results) + [""]
+    if repeat_targets:
+        count = next(iter(repeat_targets.values()), {}).get("count", 0)
+        md += ["## Repeat targets", "",
+               f"{count} test queries whose target the user had already consumed before the query, ranked over the "
+               "full catalog with nothing removed, for information"
+               + (" (not in the table above)." if rule == "exclude" else " (also in the table above)."), ""]
+        if count:
+            md += models_table(repeat_targets) + [""]
+    if model_selection:
+        md += ["## Model selection", ""] + selection_lines(model_selection) + [""]
     if breakdowns:
         md += ["## Breakdown by user group", "", "Per segment and for cold users (few training items).", ""]
         md += breakdown_table(breakdowns) + [""]
