@@ -310,7 +310,7 @@ def write_demo_report(path: str, config: DemoConfig, state: dict, eval_dir: str,
     models = state.get("evaluate", {})
     if models:
         keys = [k for k in ("recall@10", "recall@50", "ndcg@10") if k in next(iter(models.values()))]
-        lines += ["## Retrieval quality (eval split)", "", "| model | " + " | ".join(keys) + " |",
+        lines += ["## Retrieval quality (test split, scored once; everything tuned on validation)", "", "| model | " + " | ".join(keys) + " |",
                   "|---|" + "---:|" * len(keys)]
         lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |" for name, m in models.items()]
         lines += ["", f"Full evaluation: [{rel(os.path.join(eval_dir, 'report.md'))}]"

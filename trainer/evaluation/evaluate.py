@@ -61,7 +61,6 @@ _LOG = logging.getLogger("segrec.evaluate")
 
 MODEL_NAME = "segrec"
 EVALUATION_DIR = "evaluation"
-REPEAT_ROW = "repeat targets"
 
 
 @dataclasses.dataclass(frozen=True)
