@@ -23,16 +23,15 @@ from trainer.model.text_encoder import TextCache
 _LOG = logging.getLogger(__name__)
 
 
-# One traced inference function per (model, beta): train-time recall calls
-# model_outputs every epoch and for every beta of the grid.
+# One traced inference function per model, beta a scalar tensor input:
+# train-time recall calls model_outputs every epoch and for every beta of the grid.
 _CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _inference_fn(model, beta: float):
-    fns = _CALLS.setdefault(model, {})
-    if beta not in fns:
-        fns[beta] = tf.function(lambda batch: model(batch, training=False, beta=beta), reduce_retracing=True)
-    return fns[beta]
+def _inference_fn(model):
+    if model not in _CALLS:
+        _CALLS[model] = tf.function(lambda batch, beta: model(batch, training=False, beta=beta), reduce_retracing=True)
+    return _CALLS[model]
 
 
 def model_outputs(model, split: da.SplitArrays, rows, beta: float, text_cache=None, batch_size: int = 512,
@@ -56,7 +55,7 @@ def model_outputs(model, split: da.SplitArrays, rows, beta: float, text_cache=No
     if missing:
         # Expected for test queries: `segrec train` caches the train and valid texts only, it never reads test.
         _LOG.info("%d user text(s) are not in the run's text cache; their batches run the encoder", len(missing))
-    call = _inference_fn(model, float(beta))
+    fn, beta_t = _inference_fn(model), tf.constant(float(beta), tf.float32)
     keys = (features.EMBEDDING, features.QUERY, features.SEGMENT_ID, features.SEGMENT_PROBS)
     parts: dict = {k: [] for k in keys}
     starts = range(0, len(rows), batch_size)
@@ -69,7 +68,7 @@ def model_outputs(model, split: da.SplitArrays, rows, beta: float, text_cache=No
         batch = split.batch_dict(chunk)
         if use_cache and not any(t in missing for t in split.user_texts[chunk]):
             batch[features.USER_TEXT_VECTOR] = text_cache.lookup(batch[features.USER_TEXT])
-        out = call(batch)
+        out = fn(batch, beta_t)
         for k in keys:
             parts[k].append(out[k].numpy())
     if not len(rows):
