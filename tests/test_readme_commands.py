@@ -220,18 +220,24 @@ class Workspace:
         raise AssertionError(f"`segrec {shlex.join(args)}` did not come up in {timeout:.0f} s")
 
     def stop_all(self) -> None:
+        """SIGTERM to every background command (all of them, even when one misbehaves); then the verdict."""
+        problems = []
         for args, proc in reversed(self.servers):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    code = proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    raise AssertionError(f"`segrec {shlex.join(args)}` did not stop on SIGTERM")
-                # serve drains and exits 0; the frontend's uvicorn shuts down gracefully, then re-raises SIGTERM.
-                ok = (0,) if args[0] == "serve" else (0, -signal.SIGTERM)
-                assert code in ok, f"`segrec {shlex.join(args)}` exited {code} on SIGTERM"
+            if proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                problems.append(f"`segrec {shlex.join(args)}` did not stop on SIGTERM")
+                continue
+            # serve drains and exits 0; the frontend's uvicorn shuts down gracefully, then re-raises SIGTERM.
+            ok = (0,) if args[0] == "serve" else (0, -signal.SIGTERM)
+            if code not in ok:
+                problems.append(f"`segrec {shlex.join(args)}` exited {code} on SIGTERM")
         self.servers.clear()
+        assert not problems, problems
 
 
 def test_readme_shell_blocks_parse():
