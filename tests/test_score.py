@@ -479,7 +479,7 @@ def test_cli_dead_letters_users_the_model_rejects(tiny_generated, base_path, exp
     reject_users(monkeypatch, lambda user_id: user_id == bad)
     out = tmp_path / "scores"
     assert cli.main(["score", "--input-dir", str(tiny_generated), "--model-dir", base_path, "--output-dir", str(out),
-                     "--k", str(K), "--beta", str(BETA), "--max-batch-size", "16"]) == 0
+                     "--k", str(K), "--beta", str(BETA), "--min-batch-size", "16", "--max-batch-size", "16"]) == 0
     stats = json.load(open(out / "stats.json"))
     assert stats["balanced"]
     assert stats["users"] == {"in": 50, "queries": 50, "scored": 49, "cold": 0, "dead_lettered": 1,

@@ -264,7 +264,8 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
     recall = training.RecallAtK(valid_queries, k=config.recall_k, beta=config.monitor_beta, text_cache=cache)
     callbacks = [
         recall,
-        keras.callbacks.BackupAndRestore(backup_dir),
+        # double_checkpoint: a process killed while writing the backup leaves the previous one to resume from.
+        keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True),
         keras.callbacks.ModelCheckpoint(best_path, monitor=recall.monitor, mode="max", save_best_only=True,
                                         save_weights_only=True),
         throughput, tb,
