@@ -279,13 +279,20 @@ def _model_batch(run, split, rows) -> dict:
 
 
 def heldout_batches(run, limit: int, beta: float, seed: int = 0, batch_size: int = 256) -> list:
-    """[(model batch, beta)] of up to `limit` eval-split examples (the train
-    split when eval is empty), sampled with `seed`; cached text vectors added
-    where the run's cache holds the texts."""
+    """[(model batch, beta)] of up to `limit` validation-split examples (the train
+    split when a dataset has no validation examples), sampled with `seed`; cached
+    text vectors added where the run's cache holds the texts.
+
+    ScaNN's search depth and the quantised encoder's overlap gate are chosen or
+    checked here, so these queries never come from the test split.
+    """
     from trainer.data import arrays as da
 
-    split = da.load_split(run.dataset_dir, "eval")
-    if len(split) == 0:
+    try:
+        split = da.load_split(run.dataset_dir, "valid")
+    except FileNotFoundError:  # a dataset dir written before the validation split existed
+        split = None
+    if split is None or len(split) == 0:
         split = da.load_split(run.dataset_dir, "train")
     if len(split) == 0:
         raise ValueError(f"{run.dataset_dir}: no examples to measure the export's recall on")
