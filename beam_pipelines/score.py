@@ -28,8 +28,10 @@ rejected by the model), queries = scored + rejected, and records written =
 scored. `build_pipeline` is pure; `run` decides nothing but options
 (DirectRunner by default, single or multi-process; Dataflow by flags).
 
-The model runs through inference.model_handler.RunSegRec; the output record,
-its schemas and its sinks are score_records'.
+The model runs through inference.model_handler.RunSegRec, which encodes each
+distinct user_text once per worker (the text-vector cache, when the export
+has encode_text and serving_text_vector); the output record, its schemas and
+its sinks are score_records'.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from beam_pipelines import transforms as T
 from beam_pipelines.inference import model_handler, retrying, user_queries
 from beam_pipelines.sources import readers, records
 from serving.export import layout
+from serving.server import text_cache
 from trainer import features
 from trainer.contracts import SERVING_DEFAULT
 from trainer.data import examples as ex
@@ -72,6 +75,9 @@ class ScoreConfig:
     policy, min_rating: how raw input becomes queries (BuildUserQueries);
     policy None = the max_history / text_history the model was trained with
     (training_policy), so scored queries look like its training queries.
+    text_cache_size: user texts whose encoder vectors a worker keeps, so
+    each distinct user_text is encoded once per worker (0 = off; exports
+    without encode_text / serving_text_vector score as before).
     """
 
     model_dir: str
@@ -91,6 +97,7 @@ class ScoreConfig:
     formats: tuple = (score_records.JSONL,)
     bigquery_table: Optional[str] = None
     overwrite: bool = False
+    text_cache_size: int = text_cache.DEFAULT_SIZE
 
     def __post_init__(self):
         if bool(self.dataset_dir) == bool(self.sources):
@@ -114,6 +121,8 @@ class ScoreConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.min_batch_size and self.max_batch_size and self.min_batch_size > self.max_batch_size:
             raise ValueError(f"--min-batch-size {self.min_batch_size} > --max-batch-size {self.max_batch_size}")
+        if self.text_cache_size < 0:
+            raise ValueError(f"text_cache_size must be >= 0, got {self.text_cache_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +215,8 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, info: ModelInfo) -> No
     counts.append(built[T.COUNTS])
 
     run = built["queries"] | "RunSegRec" >> model_handler.RunSegRec(
-        info.version_dir, SERVING_DEFAULT, info.k, info.beta, config.min_batch_size, config.max_batch_size)
+        info.version_dir, SERVING_DEFAULT, info.k, info.beta, config.min_batch_size, config.max_batch_size,
+        text_cache_size=config.text_cache_size)
     dead.append(run[T.DEAD])
     counts += [run[T.COUNTS], T.count_elements(run.results, "users.scored")]
     out = run.results | "ToRecord" >> beam.ParDo(score_records.ToRecord(info.labels, info.version))

@@ -120,7 +120,8 @@ def test_signature_keys_dtypes_and_shapes(exports):
     import tensorflow as tf
 
     sigs = _load(exports["brute_force"]).signatures
-    assert set(sigs) == {"serving_default", "recommend_defaults", "serving_tf_example", "user_embedding"}
+    assert set(sigs) == {"serving_default", "recommend_defaults", "serving_tf_example", "user_embedding",
+                         "encode_text", "serving_text_vector"}  # the last two: the text-vector cache's split
     inputs = sigs["serving_default"].structured_input_signature[1]
     assert {k: (v.dtype, v.shape.as_list()) for k, v in inputs.items()} == {
         F.USER_TEXT: (tf.string, [None]), F.HISTORY_ITEM_IDS: (tf.string, [None, None]),

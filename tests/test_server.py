@@ -314,7 +314,7 @@ def test_metadata_status_and_labels(served, stub):
     sigs = get_model_metadata_pb2.SignatureDefMap()
     meta.metadata["signature_def"].Unpack(sigs)
     assert set(sigs.signature_def) == {"serving_default", "recommend_defaults", "serving_tf_example",
-                                       "user_embedding"}
+                                       "user_embedding", "encode_text", "serving_text_vector"}
     assert set(sigs.signature_def["serving_default"].inputs) == {F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA}
     with grpc.insecure_channel(served["target"]) as ch:
         status = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(

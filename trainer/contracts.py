@@ -22,6 +22,11 @@ SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, SERVING_TF_EXAMPLE, USER_EMBE
 # Token-id exports (--text-input token_ids) take input_ids/padding_mask for user_text and have no
 # serving_tf_example (its examples carry text).
 TOKEN_ID_SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, USER_EMBEDDING)
+# Text exports also split serving_default in two, so a server or batch scorer can encode each
+# distinct user_text once and cache its vector (serving/server/text_cache.py):
+ENCODE_TEXT = "encode_text"  # user_text [B] -> user_text_vector [B, D] float32 (SegRecModel.text_vectors)
+SERVING_TEXT_VECTOR = "serving_text_vector"  # user_text_vector, history_item_ids, k, beta -> as serving_default
+TEXT_VECTOR_SIGNATURES = (ENCODE_TEXT, SERVING_TEXT_VECTOR)
 
 # --- Files shared by a run dir and an export version dir ---------------------
 SEGMENTS_FILE = "segments.json"  # trainer/segments/document.py reads and writes it

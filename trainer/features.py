@@ -128,6 +128,9 @@ def item_feature_spec() -> dict:
 # TextCache (frozen encoder), so the model reads the cached pooled text vector
 # instead of running BERT on USER_TEXT. QUERY is a SegRecModel output.
 USER_TEXT_VECTOR = "user_text_vector"  # [B, hidden] float32, cached pooled text
+# It is also an input of the export's serving_text_vector signature and the output of its
+# encode_text signature (contracts.TEXT_VECTOR_SIGNATURES): the text-vector cache of
+# `segrec serve` and batch scoring.
 # user_text already tokenised (exports with --text-input token_ids: the client
 # tokenises, the server needs no text ops): [B, T] int32 each, T <= the
 # encoder's sequence_length; [CLS] ... [SEP] then padding (mask 0).

@@ -10,25 +10,37 @@ of every output (no batch dim) (`SignatureCall`). `RunSegRec` runs it
 through `retrying.RunInferenceRetrying` and dead-letters the users the model
 rejects even alone. Batch scoring runs RunSegRec; the segment refresh runs
 the handler keyed (two windows through one model).
+
+Text-vector cache: serving_default over an export with encode_text and
+serving_text_vector encodes each distinct user_text once per worker
+process (an LRU of `text_cache_size` texts per loaded model, shared by the
+worker's threads: serving/server/text_cache.py), then runs
+serving_text_vector on the vectors; the results are serving_default's.
+`text_cache_size=0` calls serving_default as is.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
+import threading
 import types
+import weakref
 from typing import Mapping, Optional
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
+from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
 from beam_pipelines import transforms as T
 from beam_pipelines.inference import NAMESPACE, retrying
 from serving.export import layout
+from serving.server import text_cache as tc
 from trainer import features
 from trainer.contracts import RECOMMEND_DEFAULTS, SERVING_DEFAULT, USER_EMBEDDING
 
@@ -74,22 +86,30 @@ class SignatureCall:
 
     Picklable (plain fields), so it travels to Beam workers with the handler.
     k and beta are fed only to signatures that take them, as scalars or as
-    [B] vectors, whichever the export's signature declares.
+    [B] vectors, whichever the export's signature declares. text_cache_size
+    > 0: serving_default goes through the worker's text-vector cache of
+    `model` when the export has the split signatures (`text_cache_for`).
     """
 
-    def __init__(self, signature: str, k: Optional[int] = None, beta: Optional[float] = None):
+    def __init__(self, signature: str, k: Optional[int] = None, beta: Optional[float] = None,
+                 text_cache_size: int = 0):
         self.signature = signature
         self.k = k
         self.beta = beta
+        self.text_cache_size = int(text_cache_size)
 
     def __call__(self, model, batch, inference_args, model_id=None):
-        import tensorflow as tf
-
         fn = model.signatures[self.signature]
         specs = fn.structured_input_signature[1]
         inputs = batch_inputs(batch, specs, self.k, self.beta)
-        out = fn(**{name: tf.constant(value) for name, value in inputs.items()})
-        out = {name: _numpy(value) for name, value in out.items()}
+        cache = text_cache_for(model, self.signature, self.text_cache_size)
+        if cache is not None:
+            out, hits, misses = tc.recommend(functools.partial(_call, model), cache, self.signature, inputs)
+            _CACHE_HITS.inc(hits)
+            _CACHE_MISSES.inc(misses)
+        else:
+            out = _call(model, self.signature, inputs)
+        out = {name: _decoded(value) for name, value in out.items()}
         return [
             PredictionResult(query, {name: value[i] for name, value in out.items()}, model_id)
             for i, query in enumerate(batch)
@@ -126,8 +146,33 @@ def batch_inputs(batch, specs: Mapping, k: Optional[int] = None, beta: Optional[
     return inputs
 
 
-def _numpy(tensor) -> np.ndarray:
-    value = tensor.numpy()
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # loaded model -> its TextVectorCache
+_CACHES_LOCK = threading.Lock()
+_CACHE_HITS = Metrics.counter(NAMESPACE, "text_cache.hits")
+_CACHE_MISSES = Metrics.counter(NAMESPACE, "text_cache.misses")
+
+
+def text_cache_for(model, signature: str, size: int) -> Optional[tc.TextVectorCache]:
+    """The worker's text-vector cache of a loaded `model` (one per model, shared by threads), or None:
+    size 0, a signature other than serving_default, or an export without the split signatures."""
+    if size <= 0 or signature != SERVING_DEFAULT or not tc.usable(model.signatures.keys(), signature):
+        return None
+    with _CACHES_LOCK:
+        cache = _CACHES.get(model)
+        if cache is None:
+            cache = _CACHES[model] = tc.TextVectorCache(size)
+        return cache
+
+
+def _call(model, signature: str, inputs: dict) -> dict:
+    """One call of a signature of the loaded model: numpy in, numpy out."""
+    import tensorflow as tf
+
+    out = model.signatures[signature](**{name: tf.constant(value) for name, value in inputs.items()})
+    return {name: value.numpy() for name, value in out.items()}
+
+
+def _decoded(value: np.ndarray) -> np.ndarray:
     if value.dtype == object:  # tf.string -> python str
         value = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(value) if value.size else value
     return value
@@ -146,12 +191,14 @@ class SegRecModelHandler(_tfi.TFModelHandlerTensor):
         user_embedding.
       k, beta: the knobs of serving_default.
       min_batch_size, max_batch_size: RunInference batching bounds.
+      text_cache_size: user texts whose vectors a worker keeps per loaded
+        model (serving_default only; 0 = no cache).
       **kwargs: passed to TFModelHandlerTensor (e.g. model_copies).
     """
 
     def __init__(self, model_dir: str, signature: str = SERVING_DEFAULT, k: Optional[int] = None,
                  beta: Optional[float] = None, min_batch_size: Optional[int] = None,
-                 max_batch_size: Optional[int] = None, **kwargs):
+                 max_batch_size: Optional[int] = None, text_cache_size: int = tc.DEFAULT_SIZE, **kwargs):
         if signature not in QUERY_SIGNATURES:
             raise ValueError(f"signature must be one of {QUERY_SIGNATURES}, got {signature!r}")
         if signature == SERVING_DEFAULT and (k is None or beta is None):
@@ -162,8 +209,10 @@ class SegRecModelHandler(_tfi.TFModelHandlerTensor):
             raise ValueError(f"beta must be finite, got {beta}")
         if min_batch_size is not None and max_batch_size is not None and min_batch_size > max_batch_size:
             raise ValueError(f"min_batch_size {min_batch_size} > max_batch_size {max_batch_size}")
+        if text_cache_size < 0:
+            raise ValueError(f"text_cache_size must be >= 0, got {text_cache_size}")
         version_dir = layout.resolve_version_dir(model_dir)
-        super().__init__(version_dir, inference_fn=SignatureCall(signature, k, beta),
+        super().__init__(version_dir, inference_fn=SignatureCall(signature, k, beta, text_cache_size),
                          min_batch_size=min_batch_size, max_batch_size=max_batch_size, **kwargs)
         self.version_dir = version_dir
         self.signature = signature

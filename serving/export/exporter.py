@@ -26,6 +26,9 @@ Two more gates, each failing the export (exit 2) before anything is published:
     (`graph_ops.MissingOps`). Both land in the model card and export.json.
 `text_input="token_ids"` exports signatures over client-side token ids and
 ships the vocabulary (assets.extra/vocab.txt), so no text op is in the graph.
+Text exports also carry encode_text and serving_text_vector (the text-vector
+cache's split of serving_default), checked against serving_default on the
+warm-up users before anything is written.
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
                                default_beta=beta, text_input=config.text_input)
     warmup = warmup_inputs(run, min(config.default_k, config.k_max), beta, config.text_input)
     expected = module.serving_default(warmup)
+    sig.check_text_vector_path(module, warmup, expected)  # encode_text + serving_text_vector == serving_default
 
     tmp_dir = _join(model_dir(config.base_path), f".tmp-{version}-{os.getpid()}")
     if tf.io.gfile.exists(tmp_dir):

@@ -16,6 +16,18 @@ Signatures (names from trainer.features):
 
 (plus user_id [B] string on every signature when the model hashes user ids.)
 
+Text exports split serving_default in two as well, for the text-vector cache
+of `segrec serve` and batch scoring (serving/server/text_cache.py), which
+encode each distinct user_text once:
+
+  encode_text          user_text [B] -> user_text_vector [B, D] float32, the
+                       pooled encoder output (SegRecModel.text_vectors)
+  serving_text_vector  user_text_vector [B, D], history_item_ids, k, beta
+                       -> as serving_default
+
+serving_text_vector(encode_text(t)) answers as serving_default(t); the export
+checks it on its warm-up users (`check_text_vector_path`).
+
 Token-id exports (text_input="token_ids") take input_ids [B, T] int32 and
 padding_mask [B, T] int32 (1 = token) in place of user_text, tokenised by
 the client with the export's vocabulary (trainer/model/token_ids.py), so the
@@ -47,6 +59,8 @@ catalog minus the history), hold item id "" and score -inf.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -57,6 +71,7 @@ from trainer.contracts import (  # noqa: F401  (the signature names live in trai
     SERVING_DEFAULT,
     SERVING_TF_EXAMPLE,
     SIGNATURES,
+    TEXT_VECTOR_SIGNATURES,
     TOKEN_ID_SIGNATURES,
     USER_EMBEDDING,
 )
@@ -79,6 +94,14 @@ def user_specs(with_user_id: bool, text_input: str = TEXT) -> dict:
     if with_user_id:
         specs[features.USER_ID] = tf.TensorSpec([None], tf.string, name=features.USER_ID)
     return specs
+
+
+def text_vector_specs(with_user_id: bool, text_dim: int) -> dict:
+    """TensorSpecs of serving_text_vector's user inputs: user_text_vector [B, D] in place of user_text."""
+    specs = user_specs(with_user_id)
+    del specs[features.USER_TEXT]
+    return {features.USER_TEXT_VECTOR: tf.TensorSpec([None, text_dim], tf.float32, name=features.USER_TEXT_VECTOR),
+            **specs}
 
 
 def knob_specs() -> dict:
@@ -133,22 +156,40 @@ class ServingModule(tf.Module):
                 input_signature=[tf.TensorSpec([None], tf.string, name=features.EXAMPLES)],
             )
         self.user_embedding = tf.function(self._user_embedding, input_signature=[users])
+        if text_input == TEXT:
+            self._add_text_vector_signatures()
 
     def signatures(self) -> dict:
         names = TOKEN_ID_SIGNATURES if self.text_input == TOKEN_IDS else SIGNATURES
-        return {name: getattr(self, name) for name in names}
+        out = {name: getattr(self, name) for name in names}
+        out.update(self.text_vector_signatures())
+        return out
+
+    def _add_text_vector_signatures(self) -> None:
+        text = {features.USER_TEXT: tf.TensorSpec([None], tf.string, name=features.USER_TEXT)}
+        self.encode_text = tf.function(self._encode_text, input_signature=[text])
+        vectors = text_vector_specs(self.with_user_id, self.model.text_input_dim)
+        self.serving_text_vector = tf.function(self._serving_text_vector,
+                                               input_signature=[{**vectors, **knob_specs()}])
+
+    def text_vector_signatures(self) -> dict:
+        """encode_text and serving_text_vector (text exports; none for token-id exports)."""
+        return {name: getattr(self, name) for name in TEXT_VECTOR_SIGNATURES if hasattr(self, name)}
 
     # --- graph pieces -----------------------------------------------------------
-    def _batch(self, inputs: dict) -> dict:
-        keys = self.user_keys + (features.HISTORY_ITEM_IDS,) + ((features.USER_ID,) if self.with_user_id else ())
+    def _batch(self, inputs: dict, user_keys: tuple = ()) -> dict:
+        keys = ((user_keys or self.user_keys) + (features.HISTORY_ITEM_IDS,)
+                + ((features.USER_ID,) if self.with_user_id else ()))
         return {key: inputs[key] for key in keys}
 
-    def recommend(self, inputs: dict, k, beta) -> dict:
-        """User inputs, k and beta ([B] each, or scalars for every row) -> RECOMMEND_OUTPUTS."""
-        batch = self._batch(inputs)
-        rows = tf.shape(batch[self.user_keys[0]])[0]
-        k = self._per_row(tf.convert_to_tensor(k, tf.int32), rows, features.K, self.user_keys[0])
-        beta = self._per_row(tf.convert_to_tensor(beta, tf.float32), rows, features.BETA, self.user_keys[0])
+    def recommend(self, inputs: dict, k, beta, user_keys: tuple = ()) -> dict:
+        """User inputs, k and beta ([B] each, or scalars for every row) -> RECOMMEND_OUTPUTS.
+        user_keys: the inputs that stand for the user's text (default: the export's own)."""
+        user_keys = user_keys or self.user_keys
+        batch = self._batch(inputs, user_keys)
+        rows = tf.shape(batch[user_keys[0]])[0]
+        k = self._per_row(tf.convert_to_tensor(k, tf.int32), rows, features.K, user_keys[0])
+        beta = self._per_row(tf.convert_to_tensor(beta, tf.float32), rows, features.BETA, user_keys[0])
         checks = [
             tf.debugging.assert_greater_equal(k, 1, message=f"inputs.k: k must be in [1, {self.k_max}]"),
             tf.debugging.assert_less_equal(k, self.k_max, message=f"inputs.k: k must be in [1, {self.k_max}]"),
@@ -223,3 +264,46 @@ class ServingModule(tf.Module):
     def _user_embedding(self, inputs):
         out = self.model(self._batch(inputs), training=False, beta=0.0)
         return {key: out[key] for key in EMBEDDING_OUTPUTS}
+
+    def _encode_text(self, inputs):
+        vectors = self.model.text_vectors({features.USER_TEXT: inputs[features.USER_TEXT]}, training=False)
+        return {features.USER_TEXT_VECTOR: tf.cast(vectors, tf.float32)}
+
+    def _serving_text_vector(self, inputs):
+        with _reading_text_vectors(self.model):
+            return self.recommend(inputs, inputs[features.K], inputs[features.BETA],
+                                  user_keys=(features.USER_TEXT_VECTOR,))
+
+
+@contextlib.contextmanager
+def _reading_text_vectors(model):
+    """While serving_text_vector is traced, the model reads USER_TEXT_VECTOR from its batch.
+
+    SegRecModel.text_vectors prefers the vector over user_text only when the
+    encoder is frozen (finetune_layers 0); a fine-tuned model's encoder is
+    the same at serving time, so the vector encode_text returned is what it
+    would compute. Only the trace reads the flag; `check_text_vector_path`
+    proves the result at export.
+    """
+    finetune = model.finetune_layers
+    model.finetune_layers = 0
+    try:
+        yield
+    finally:
+        model.finetune_layers = finetune
+
+
+def check_text_vector_path(module: ServingModule, inputs: dict, expected: dict, atol: float = 1e-5) -> None:
+    """serving_text_vector(encode_text(user_text)) must answer `inputs` (serving_default's) as
+    serving_default did (`expected`); a RuntimeError otherwise. No-op without the split signatures."""
+    if not module.text_vector_signatures():
+        return
+    vectors = module.encode_text({features.USER_TEXT: inputs[features.USER_TEXT]})[features.USER_TEXT_VECTOR]
+    split = {name: value for name, value in inputs.items() if name != features.USER_TEXT}
+    got = module.serving_text_vector({**split, features.USER_TEXT_VECTOR: vectors})
+    for key in (features.OUT_ITEM_IDS, features.SEGMENT_ID):
+        if not np.array_equal(got[key].numpy(), expected[key].numpy()):
+            raise RuntimeError(f"serving_text_vector(encode_text(...)) answers {key} unlike serving_default")
+    for key in (features.OUT_SCORES, features.SEGMENT_PROBS):
+        if not np.allclose(got[key].numpy(), expected[key].numpy(), atol=atol):
+            raise RuntimeError(f"serving_text_vector(encode_text(...)) answers {key} unlike serving_default")

@@ -5,6 +5,7 @@
     model_manager  versions under <base>/<model>/<N>/: load, poll, swap, labels, load errors
     validation     checks of a PredictRequest before the model (RequestError naming the field)
     batching       the bounded, adaptive batching queue in front of the model
+    text_cache     the per-version LRU of user_text -> encoder vector (encode_text + serving_text_vector)
     predictor      Predictor: spec -> version -> validation -> batching -> model; shared by both APIs
     grpc_api       PredictionService + ModelService servicers, health (grpc.health.v1), reflection, token auth
     rest_api       TF Serving's REST subset: a FastAPI app over the Predictor, run by uvicorn in a thread

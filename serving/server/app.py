@@ -39,7 +39,8 @@ class Server:
         self.metrics = metrics_mod.Metrics() if config.metrics_port else None
         self.health = grpc_api.Health()
         self.manager = mm.ModelManager(config.model_base_path, config.model_name, config.poll_seconds,
-                                       labels=config.labels, loader=loader, on_change=self._on_versions)
+                                       labels=config.labels, loader=loader, on_change=self._on_versions,
+                                       text_cache_size=config.text_cache_size)
         self.predictor = Predictor(config, self.manager, self.metrics)
         self._started = False
         self._draining = False

@@ -18,7 +18,9 @@ class ServeConfig:
     request that finds the model idle runs at once); batch_threads: model
     calls that may run at the same time; max_queue: requests waiting before
     RESOURCE_EXHAUSTED. fault_delay_ms: latency added inside every model
-    call (fault drills and tests only).
+    call (fault drills and tests only). text_cache_size: user texts whose
+    encoder vectors each loaded version keeps (LRU; 0 = no cache; text
+    exports only: text_cache.py).
     token: bearer token every call must carry (None = no auth). tls_cert /
     tls_key: PEM files for a TLS port. max_message_bytes: gRPC receive limit
     (and the largest REST body).
@@ -44,6 +46,7 @@ class ServeConfig:
     grace_seconds: float = 10.0
     batch_threads: int = 1
     fault_delay_ms: float = 0.0
+    text_cache_size: int = 100_000
 
     @property
     def labels(self) -> dict:

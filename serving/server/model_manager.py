@@ -10,6 +10,10 @@ thread, off the request path, and published by replacing one immutable
 its `LoadedVersion`, so an old version answers its in-flight requests after a
 swap (Python frees it when the last reference goes).
 
+Each loaded version of a text export gets its own text-vector cache
+(text_cache.py; `text_cache_size` entries, 0 = none): a new version starts
+empty, and a version's cache is emptied when it is unloaded or replaced.
+
 A version that fails to load (corrupt, missing ops) never replaces the one
 being served; its state is END with the error, as GetModelStatus reports it,
 and it is retried only when its saved_model.pb changes.
@@ -25,6 +29,7 @@ import time
 from typing import Callable, Mapping, Optional
 
 from serving.export import layout
+from serving.server import text_cache as tc
 from trainer.contracts import SAVED_MODEL
 from trainer.segments import document as segments_doc
 
@@ -47,6 +52,11 @@ class NoVersionError(LookupError):
 class InputSpec:
     dtype: str  # numpy dtype name: "object" for strings, "int32", "float32", ...
     rank: int  # -1 = unknown rank
+    dims: tuple = ()  # the static size of each axis (None = any); () when the rank is unknown
+
+
+def _dims(shape) -> tuple:
+    return () if shape.rank is None else tuple(shape.as_list())
 
 
 @dataclasses.dataclass
@@ -69,6 +79,7 @@ class LoadedVersion:
     default_k: Optional[int] = None
     default_beta: Optional[float] = None
     segments: Optional[dict] = None
+    text_cache: Optional[tc.TextVectorCache] = None  # set by ModelManager for text exports
 
     def call(self, signature: str, inputs: Mapping) -> dict:
         """inputs: name -> numpy array; returns name -> numpy array."""
@@ -104,7 +115,7 @@ def load_version(path: str, version: int) -> LoadedVersion:
         specs = fn.structured_input_signature[1]
         inputs[name] = {k: InputSpec(tf.as_dtype(s.dtype).as_numpy_dtype.__name__
                                      if s.dtype != tf.string else "object", s.shape.rank if s.shape.rank is not None
-                                     else -1) for k, s in specs.items()}
+                                     else -1, _dims(s.shape)) for k, s in specs.items()}
         outputs[name] = {k: InputSpec(s.dtype.name, s.shape.rank if s.shape.rank is not None else -1)
                          for k, s in fn.structured_outputs.items()}
     saved = saved_model_pb2.SavedModel()
@@ -122,6 +133,12 @@ def load_version(path: str, version: int) -> LoadedVersion:
     loaded.default_beta = info.get("beta", loaded.default_beta)
     loaded.segments = segments_doc.load_beside(path)
     return loaded
+
+
+def _drop_text_cache(loaded: LoadedVersion) -> None:
+    """Empties a version's cache when it stops being served (its in-flight calls just miss)."""
+    if loaded.text_cache is not None:
+        loaded.text_cache.clear()
 
 
 def list_versions(model_dir: str) -> dict:
@@ -152,8 +169,9 @@ class ModelManager:
 
     def __init__(self, base_path: str, model_name: str = "segrec", poll_seconds: float = 2.0,
                  labels: Optional[Mapping] = None, loader: Callable = load_version,
-                 on_change: Optional[Callable] = None):
+                 on_change: Optional[Callable] = None, text_cache_size: int = 0):
         self.model_dir = os.path.join(base_path, model_name)
+        self.text_cache_size = int(text_cache_size)
         self.model_name = model_name
         self.poll_seconds = poll_seconds
         self.labels = dict(labels or {})
@@ -241,15 +259,25 @@ class ModelManager:
                 self._tried.pop(v, None)  # reloaded if wanted again (a newer version deleted)
             self._snapshot = Snapshot(loaded=loaded, states=states)
         for v in gone:
+            _drop_text_cache(snap.loaded[v])
             _LOG.info("unloaded version %d", v)
         self._changed()
 
     def _publish(self, version: int, loaded: LoadedVersion) -> None:
+        self._attach_text_cache(loaded)
         with self._lock:
             snap = self._snapshot
             self._snapshot = Snapshot(loaded={**snap.loaded, version: loaded},
                                       states={**snap.states, version: VersionState(AVAILABLE)})
+        replaced = snap.loaded.get(version)
+        if replaced is not None and replaced is not loaded:  # the version's saved_model.pb changed
+            _drop_text_cache(replaced)
         self._changed()
+
+    def _attach_text_cache(self, loaded: LoadedVersion) -> None:
+        """A new, empty text-vector cache for a version that has encode_text + serving_text_vector."""
+        if self.text_cache_size > 0 and loaded.text_cache is None and tc.has_split(loaded.inputs):
+            loaded.text_cache = tc.TextVectorCache(self.text_cache_size)
 
     def _set_state(self, version: int, state: VersionState) -> None:
         with self._lock:

@@ -12,6 +12,11 @@ GetModelMetadata answers signature_def, plus a segrec-only "segrec" field
 (a JSON string: version, k_max, default_k, default_beta and the segment
 labels of segments.json, read through trainer/segments/document.py).
 
+Text-vector cache: a serving_default / recommend_defaults call to a version
+with a text cache (model_manager) goes through text_cache.recommend: each
+row's user_text vector from the cache, only the misses through encode_text,
+then serving_text_vector; same answer, hits and misses counted.
+
 Fault drill: `fault_delay_ms` adds that much latency inside every model call,
 so tests and drills can hold a request inside the model (the
 `segrec_requests_in_model` gauge) while they send SIGTERM, fill the queue or
@@ -29,6 +34,7 @@ import numpy as np
 
 from serving.server import batching
 from serving.server import model_manager as mm
+from serving.server import text_cache as tc
 from serving.server import validation as val
 from serving.server.config import ServeConfig
 from serving.server.errors import ServeError, from_model_error
@@ -60,11 +66,27 @@ class Predictor:
                                         in_model=metrics.observe_in_model if metrics else None)
         if metrics is not None:
             metrics.track_queue(self.batcher.queued)
+            metrics.track_text_cache(self.text_cache_entries)
 
     def _run(self, loaded, signature, inputs):
         if self._fault_delay_s:
             time.sleep(self._fault_delay_s)  # fault drill: the request is inside the model meanwhile
+        if getattr(loaded, "text_cache", None) is not None and tc.usable(
+                loaded.inputs, signature, loaded.default_k, loaded.default_beta):
+            return self._run_cached(loaded, signature, inputs)
         return loaded.call(signature, inputs)
+
+    def _run_cached(self, loaded, signature, inputs):
+        outputs, hits, misses = tc.recommend(loaded.call, loaded.text_cache, signature, inputs,
+                                             loaded.default_k, loaded.default_beta)
+        if self.metrics is not None:
+            self.metrics.observe_text_cache(hits, misses)
+        return outputs
+
+    def text_cache_entries(self) -> int:
+        """Entries of every loaded version's text cache (the gauge reads it at each scrape)."""
+        loaded = self.manager.snapshot.loaded.values()
+        return sum(len(lv.text_cache) for lv in loaded if getattr(lv, "text_cache", None) is not None)
 
     def resolve(self, model_spec) -> mm.LoadedVersion:
         if not model_spec.name:

@@ -28,6 +28,13 @@ class Metrics:
                                 registry=self.registry)
         self.version_state = pc.Gauge("segrec_version_state", "ModelVersionStatus.State of each version seen",
                                       ["version"], registry=self.registry)
+        self.text_cache_entries = pc.Gauge("segrec_text_cache_entries",
+                                           "user texts whose vectors the loaded versions' text caches hold",
+                                           registry=self.registry)
+        self.text_cache_hits = pc.Counter("segrec_text_cache_hits", "rows whose user_text vector came from the cache",
+                                          registry=self.registry)
+        self.text_cache_misses = pc.Counter("segrec_text_cache_misses", "rows whose user_text had to be encoded",
+                                            registry=self.registry)
         self._server = None
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
@@ -44,6 +51,14 @@ class Metrics:
     def track_queue(self, queued) -> None:
         """queued() -> the number of requests waiting, read at each scrape."""
         self.queued.set_function(queued)
+
+    def track_text_cache(self, entries) -> None:
+        """entries() -> the entries of every loaded version's text cache, read at each scrape."""
+        self.text_cache_entries.set_function(entries)
+
+    def observe_text_cache(self, hits: int, misses: int) -> None:
+        self.text_cache_hits.inc(hits)
+        self.text_cache_misses.inc(misses)
 
     def observe_versions(self, snapshot: mm.Snapshot) -> None:
         self.version.set(max(snapshot.loaded) if snapshot.loaded else 0)

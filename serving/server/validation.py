@@ -88,6 +88,7 @@ def _decode(name: str, proto, spec, limits: Limits) -> np.ndarray:
         raise bad(f"inputs.{name}: rank {len(dims)} (shape {dims}), expected rank {spec.rank}")
     if any(d < 0 for d in dims):
         raise bad(f"inputs.{name}: negative dimension in shape {dims}")
+    _check_static_dims(name, dims, spec)
     size = math.prod(dims)
     if size > limits.max_elements:
         raise bad(f"inputs.{name}: {size} elements, more than the limit {limits.max_elements}")
@@ -113,6 +114,15 @@ def _decode(name: str, proto, spec, limits: Limits) -> np.ndarray:
     return arr
 
 
+def _check_static_dims(name: str, dims: list, spec) -> None:
+    """Axes after the batch axis that the signature fixes (user_text_vector's D) must match."""
+    fixed = getattr(spec, "dims", ())
+    for axis, (got, want) in enumerate(zip(dims, fixed)):
+        if axis and want is not None and got != want:
+            shown = ", ".join(["B"] + [str(d) if d is not None else "?" for d in fixed[1:]])
+            raise bad(f"inputs.{name}: shape {dims}, expected [{shown}]")
+
+
 def _check_values(arrays: dict, loaded, limits: Limits) -> None:
     text = arrays.get(features.USER_TEXT)
     hist = arrays.get(features.HISTORY_ITEM_IDS)
@@ -135,7 +145,11 @@ def _check_values(arrays: dict, loaded, limits: Limits) -> None:
                       f"{limits.max_history}")
         if hist.shape[1] == 0:
             raise bad(f"inputs.{features.HISTORY_ITEM_IDS}: no columns; pad a cold user's history with \"\"")
-    if text is None and examples is None and features.USER_TEXT in _all_inputs(loaded):
+    vectors = arrays.get(features.USER_TEXT_VECTOR)
+    if vectors is not None and not np.isfinite(vectors).all():
+        raise bad(f"inputs.{features.USER_TEXT_VECTOR}: must be finite (what encode_text returns)")
+    if (text is None and examples is None and vectors is None
+            and features.USER_TEXT in _all_inputs(loaded)):
         raise bad(f"inputs.{features.USER_TEXT}: missing")
     if features.K in arrays:
         k = arrays[features.K].reshape(-1)

@@ -80,6 +80,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fault-delay-ms", type=float, default=0.0,
                    help="fault drill: add this much latency inside every model call (tests, drills; never in "
                         "production)")
+    p.add_argument("--text-cache-size", type=int, default=100_000,
+                   help="user texts whose encoder vectors each loaded version keeps (LRU), so a repeated "
+                        "user_text skips the encoder; 0 = off (default 100000; text exports only)")
 
 
 @command("serve", "Serve exported versions over TF Serving's gRPC API (development server).")(_add_serve_args)
@@ -95,6 +98,8 @@ def run_serve(args: argparse.Namespace, beam_args) -> int:
         raise UserError("--fault-delay-ms and --batch-timeout-ms must be >= 0")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
+    if args.text_cache_size < 0:
+        raise UserError("--text-cache-size must be >= 0 (0 = no cache)")
     for flag in ("max_batch_size", "max_queue", "batch_threads"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -110,7 +115,7 @@ def run_serve(args: argparse.Namespace, beam_args) -> int:
         version_labels=serve_config.parse_labels(args.version_labels),
         max_string_bytes=int(args.max_string_mb * 1024 * 1024), token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, batch_threads=args.batch_threads,
-        fault_delay_ms=args.fault_delay_ms)
+        fault_delay_ms=args.fault_delay_ms, text_cache_size=args.text_cache_size)
     return server.serve(config)
 
 
