@@ -18,10 +18,13 @@ SERVING_DEFAULT = "serving_default"  # user_text, history_item_ids, k [B], beta 
 RECOMMEND_DEFAULTS = "recommend_defaults"  # the same with the export's k and beta baked in
 SERVING_TF_EXAMPLE = "serving_tf_example"  # serialized tf.Example -> as recommend_defaults
 USER_EMBEDDING = "user_embedding"  # user_text, history_item_ids -> embedding, segment
-SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, SERVING_TF_EXAMPLE, USER_EMBEDDING)
+# serving_default's inputs + exclude_item_ids [B, E]: items in the history OR the exclusions are never
+# returned (a user's whole consumed set, not only the <= 50 history items the model reads).
+SERVING_EXCLUDE = "serving_exclude"
+SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, SERVING_TF_EXAMPLE, USER_EMBEDDING, SERVING_EXCLUDE)
 # Token-id exports (--text-input token_ids) take input_ids/padding_mask for user_text and have no
 # serving_tf_example (its examples carry text).
-TOKEN_ID_SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, USER_EMBEDDING)
+TOKEN_ID_SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, USER_EMBEDDING, SERVING_EXCLUDE)
 
 # --- Files shared by a run dir and an export version dir ---------------------
 SEGMENTS_FILE = "segments.json"  # trainer/segments/document.py reads and writes it

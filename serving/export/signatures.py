@@ -13,6 +13,12 @@ Signatures (names from trainer.features):
                        history_item_ids) -> as recommend_defaults
   user_embedding       user_text, history_item_ids -> embedding [B, d],
                        segment_id [B], segment_probs [B, K]
+  serving_exclude      serving_default's inputs + exclude_item_ids [B, E] string
+                       ("" padded; E >= 0) -> as serving_default, with every
+                       item in the row's history OR its exclude_item_ids
+                       removed (a user's whole consumed set, which can be far
+                       longer than the <= 50 history items the model reads;
+                       the exclusions do not change the query)
 
 (plus user_id [B] string on every signature when the model hashes user ids.)
 
@@ -40,7 +46,8 @@ not user_text's.
 Retrieval, row by row: q_i = normalise(u_i + beta_i * c_seg_i) (cold users:
 their centroid), exactly as SegRecModel computes it; the index returns
 min(max(k) + H, N) candidates, items in the row's history are dropped, the
-best are kept. Row i holds its best k_i items in columns 0..k_i-1; the
+best are kept (serving_exclude: min(max(k) + H + E, N) candidates, items in
+the row's history or exclude_item_ids dropped). Row i holds its best k_i items in columns 0..k_i-1; the
 columns after k_i, and slots that cannot be filled (k_i greater than the
 catalog minus the history), hold item id "" and score -inf.
 """
@@ -55,6 +62,7 @@ from trainer import features
 from trainer.contracts import (  # noqa: F401  (the signature names live in trainer/contracts.py)
     RECOMMEND_DEFAULTS,
     SERVING_DEFAULT,
+    SERVING_EXCLUDE,
     SERVING_TF_EXAMPLE,
     SIGNATURES,
     TOKEN_ID_SIGNATURES,
@@ -79,6 +87,11 @@ def user_specs(with_user_id: bool, text_input: str = TEXT) -> dict:
     if with_user_id:
         specs[features.USER_ID] = tf.TensorSpec([None], tf.string, name=features.USER_ID)
     return specs
+
+
+def exclude_specs() -> dict:
+    """serving_exclude's extra input: the items a row must never get back."""
+    return {features.EXCLUDE_ITEM_IDS: tf.TensorSpec([None, None], tf.string, name=features.EXCLUDE_ITEM_IDS)}
 
 
 def knob_specs() -> dict:
@@ -133,6 +146,8 @@ class ServingModule(tf.Module):
                 input_signature=[tf.TensorSpec([None], tf.string, name=features.EXAMPLES)],
             )
         self.user_embedding = tf.function(self._user_embedding, input_signature=[users])
+        self.serving_exclude = tf.function(self._serving_exclude,
+                                           input_signature=[{**users, **knob_specs(), **exclude_specs()}])
 
     def signatures(self) -> dict:
         names = TOKEN_ID_SIGNATURES if self.text_input == TOKEN_IDS else SIGNATURES
@@ -143,8 +158,11 @@ class ServingModule(tf.Module):
         keys = self.user_keys + (features.HISTORY_ITEM_IDS,) + ((features.USER_ID,) if self.with_user_id else ())
         return {key: inputs[key] for key in keys}
 
-    def recommend(self, inputs: dict, k, beta) -> dict:
-        """User inputs, k and beta ([B] each, or scalars for every row) -> RECOMMEND_OUTPUTS."""
+    def recommend(self, inputs: dict, k, beta, exclude=None) -> dict:
+        """User inputs, k and beta ([B] each, or scalars for every row) -> RECOMMEND_OUTPUTS.
+
+        exclude: None, or item ids [B, E] ("" padded) removed from the row's
+        results besides its history (serving_exclude)."""
         batch = self._batch(inputs)
         rows = tf.shape(batch[self.user_keys[0]])[0]
         k = self._per_row(tf.convert_to_tensor(k, tf.int32), rows, features.K, self.user_keys[0])
@@ -161,13 +179,18 @@ class ServingModule(tf.Module):
         out = self.model(batch, training=False, beta=beta[:, None])
         history = self.model.item_tower.rows(batch[features.HISTORY_ITEM_IDS])  # [B, H], 0 = pad/unknown
         cols = tf.maximum(tf.reduce_max(k), 1)  # max(k); 1 for an empty batch (no rows to fill)
+        if exclude is not None:
+            history = self._blocked_rows(history, exclude, rows)
         n = tf.minimum(cols + tf.shape(history)[1], self.num_items)
         scores, idx = self.index.search(out[features.QUERY], n)
         # Candidate row = catalog index + 1 (row 0 is the pad/unknown item).
         candidates = idx + 1
-        seen = tf.reduce_any(
-            tf.logical_and(candidates[:, :, None] == history[:, None, :], history[:, None, :] > 0), axis=-1
-        )
+        if exclude is None:
+            seen = tf.reduce_any(
+                tf.logical_and(candidates[:, :, None] == history[:, None, :], history[:, None, :] > 0), axis=-1
+            )
+        else:
+            seen = self._member(candidates, history)
         invalid = tf.logical_or(seen, idx < 0)  # ScaNN marks missing neighbours with -1
         neg_inf = tf.fill(tf.shape(scores), tf.constant(-np.inf, tf.float32))
         scores = tf.where(invalid, neg_inf, scores)
@@ -187,6 +210,31 @@ class ServingModule(tf.Module):
             features.SEGMENT_PROBS: out[features.SEGMENT_PROBS],
         }
 
+    def _blocked_rows(self, history: tf.Tensor, exclude, rows) -> tf.Tensor:
+        """History rows [B, H] + the rows of exclude_item_ids [B, E] -> [B, H + E] (0 = pad/unknown)."""
+        exclude = tf.convert_to_tensor(exclude, tf.string)
+        check = tf.debugging.assert_equal(
+            tf.shape(exclude)[0], rows,
+            message=f"inputs.{features.EXCLUDE_ITEM_IDS}: needs one row per row of {self.user_keys[0]} (shape [B, E])",
+        )
+        with tf.control_dependencies([check]):
+            excluded = self.model.item_tower.rows(exclude)
+        return tf.concat([history, excluded], axis=1)
+
+    @staticmethod
+    def _member(candidates: tf.Tensor, blocked: tf.Tensor) -> tf.Tensor:
+        """candidates [B, n] in blocked [B, M] (row by row) -> [B, n] bool; row 0 (pad/unknown) never blocks.
+
+        Sorted search, O(B n log M): a consumed set of thousands of items
+        would make the pairwise [B, n, M] comparison of the history too big.
+        Candidates are rows >= 1 (ScaNN's missing -1 becomes 0, invalid anyway).
+        """
+        # One extra 0 column so that M >= 1 even for an empty exclusion list and a history of width 0.
+        blocked = tf.sort(tf.pad(blocked, [[0, 0], [1, 0]]), axis=1)
+        pos = tf.searchsorted(blocked, candidates, side="left")
+        found = tf.gather(blocked, tf.minimum(pos, tf.shape(blocked)[1] - 1), batch_dims=1)
+        return tf.logical_and(tf.equal(found, candidates), candidates > 0)
+
     @staticmethod
     def _per_row(value: tf.Tensor, rows, name: str, of: str) -> tf.Tensor:
         """A scalar knob -> [B] (the defaults); a [B] knob is checked to have one value per row."""
@@ -202,6 +250,10 @@ class ServingModule(tf.Module):
     # --- signature bodies ------------------------------------------------------------
     def _serving_default(self, inputs):
         return self.recommend(inputs, inputs[features.K], inputs[features.BETA])
+
+    def _serving_exclude(self, inputs):
+        return self.recommend(inputs, inputs[features.K], inputs[features.BETA],
+                              exclude=inputs[features.EXCLUDE_ITEM_IDS])
 
     def _recommend_defaults(self, inputs):
         return self.recommend(inputs, self.default_k, self.default_beta)
