@@ -2,7 +2,7 @@
 
     raw sources --ReadSource--> records --BuildUserQueries--> UserQuery per user
     (or) dataset dir --QueriesFromDataset-----------------/        \\--> dead letters
-    UserQuery --RunSegRec(serving_default, k, beta)--> --ToRecord--> one record per user
+    UserQuery --RunSegRec(serving_exclude | serving_default, k, beta)--> --ToRecord--> one record per user
                                                  \\--> dead letters (model, inference_error)
     recommendations-*.jsonl / -*.parquet / BigQuery   dead_letter/*.jsonl   stats.json
 
@@ -17,6 +17,17 @@ Where the queries come from:
   period), else the latest training example. Their features ARE the
   model's eval queries, byte for byte; the user's held-out events are not
   in them (score raw input for "as of now"); inference.user_queries.QueriesFromDataset.
+
+What a user gets back never holds what they already consumed: under the
+repeat rule the model was trained with (export.json's "repeats", else the
+training data's metadata.json) "exclude", each query carries the user's
+whole consumed set (user_queries, consumed=True: every item of the events
+the query may see, not only the <= max_history of its history) and runs
+through the export's serving_exclude signature (`scoring_signature`). An
+export older than serving_exclude is scored with serving_default, which
+removes only the history, and a warning says so. Under "allow" nothing is
+added (re-consumption is a legitimate recommendation; the history is still
+removed, as in the graph).
 
 One output record per scored user: user_id, segment_id, segment_label
 (from the segments.json beside the model), items and scores (top-k, best
@@ -55,7 +66,7 @@ from beam_pipelines.sources import readers, records
 from serving.export import layout
 from serving.server import text_cache
 from trainer import features
-from trainer.contracts import SERVING_DEFAULT
+from trainer.contracts import SERVING_DEFAULT, SERVING_EXCLUDE
 from trainer.data import examples as ex
 from trainer.segments import document as segments_doc
 
@@ -135,6 +146,12 @@ class ModelInfo:
     beta: float
     labels: tuple  # segment id -> label (empty when the export has no segments.json)
     policy: ex.ExamplePolicy = ex.ExamplePolicy()  # the query policy raw input is built with
+    signature: str = SERVING_DEFAULT  # SERVING_EXCLUDE: each query excludes the user's whole consumed set
+    repeats: str = ex.DEFAULT_REPEATS  # the repeat rule the model was trained with
+
+    @property
+    def exclude_consumed(self) -> bool:
+        return self.signature == SERVING_EXCLUDE
 
 
 ScoreSummary = outputs.PipelineSummary
@@ -158,7 +175,38 @@ def resolve_model(config: ScoreConfig) -> ModelInfo:
     if not segments:
         _LOG.warning("%s has no segments.json: segment_label will be empty", version_dir)
     policy = config.policy or training_policy(version_dir)
-    return ModelInfo(version_dir, layout.model_version(version_dir), int(k), float(beta), labels, policy)
+    signature, repeats = scoring_signature(version_dir, defaults)
+    return ModelInfo(version_dir, layout.model_version(version_dir), int(k), float(beta), labels, policy,
+                     signature, repeats)
+
+
+def scoring_signature(version_dir: str, info: dict) -> tuple:
+    """(signature, repeat rule): serving_exclude (the user's whole consumed set removed) under the
+    "exclude" rule when the export has it; serving_default under "allow", or, with a warning, for an
+    export older than serving_exclude. info: the export's export.json."""
+    rule = layout.repeat_rule(info) or _dataset_repeat_rule(info)
+    if rule == ex.REPEATS_ALLOW:
+        _LOG.info("repeat rule 'allow': consumed items may be recommended again (only the history is removed)")
+        return SERVING_DEFAULT, rule
+    if layout.has_signature(version_dir, info, SERVING_EXCLUDE):
+        return SERVING_EXCLUDE, rule
+    _LOG.warning("%s has no %s signature (exported before it existed): only each user's history (at most "
+                 "max_history items) is removed, so already consumed items can be recommended; re-export "
+                 "the model to exclude the whole consumed set", version_dir, SERVING_EXCLUDE)
+    return SERVING_DEFAULT, rule
+
+
+def _dataset_repeat_rule(info: dict) -> str:
+    """The repeat rule in the metadata.json of the dataset dir export.json names (an export
+    written before export.json recorded it); the default when unreadable."""
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(FileSystems.join(info["dataset_dir"], features.METADATA_FILE)) as f:
+            rule = json.load(f).get("repeats", ex.DEFAULT_REPEATS)
+    except Exception:  # noqa: BLE001  (no export.json, dataset moved: the default rule)
+        return ex.DEFAULT_REPEATS
+    return rule if rule in ex.REPEAT_RULES else ex.DEFAULT_REPEATS
 
 
 def training_policy(version_dir: str) -> ex.ExamplePolicy:
@@ -206,16 +254,18 @@ def build_pipeline(p: beam.Pipeline, config: ScoreConfig, info: ModelInfo) -> No
     """Adds every scoring step to `p`; writes under config.output_dir (and BigQuery)."""
     dead, counts = [], []
     if config.dataset_dir:
-        built = p | "QueriesFromDataset" >> user_queries.QueriesFromDataset(config.dataset_dir)
+        built = p | "QueriesFromDataset" >> user_queries.QueriesFromDataset(
+            config.dataset_dir, consumed=info.exclude_consumed)
     else:
         pcolls, dead, counts = read_raw(p, config.sources)
         built = pcolls | "BuildUserQueries" >> user_queries.BuildUserQueries(
-            info.policy, config.as_of, config.window_seconds, config.cold_users, config.min_rating)
+            info.policy, config.as_of, config.window_seconds, config.cold_users, config.min_rating,
+            consumed=info.exclude_consumed)
     dead.append(built[T.DEAD])
     counts.append(built[T.COUNTS])
 
     run = built["queries"] | "RunSegRec" >> model_handler.RunSegRec(
-        info.version_dir, SERVING_DEFAULT, info.k, info.beta, config.min_batch_size, config.max_batch_size,
+        info.version_dir, info.signature, info.k, info.beta, config.min_batch_size, config.max_batch_size,
         text_cache_size=config.text_cache_size)
     dead.append(run[T.DEAD])
     counts += [run[T.COUNTS], T.count_elements(run.results, "users.scored")]
@@ -274,8 +324,9 @@ def compose_stats(counts: dict, config: ScoreConfig, info: ModelInfo) -> dict:
                       "retried_one_by_one": counts.get("inference.retried_elements", 0)},
         "records_written": written,
         "dead_letter": {s: dict(sorted(r.items())) for s, r in sorted(dead.items())},
-        "model": {"version_dir": info.version_dir, "version": info.version, "signature": SERVING_DEFAULT,
-                  "k": info.k, "beta": info.beta},
+        "model": {"version_dir": info.version_dir, "version": info.version, "signature": info.signature,
+                  "k": info.k, "beta": info.beta, "repeats": info.repeats,
+                  "exclude_consumed": info.exclude_consumed},
         "input": {"dataset_dir": config.dataset_dir} if config.dataset_dir else {
             "source": config.source_name, "as_of": config.as_of, "window_seconds": config.window_seconds,
             "cold_users": config.cold_users, "max_history": info.policy.max_history,
@@ -333,8 +384,9 @@ def run(config: ScoreConfig, beam_args: Sequence[str] = ()) -> ScoreSummary:
         options.view_as(StandardOptions).runner = "DirectRunner"
     runner = options.view_as(StandardOptions).runner
     source = config.dataset_dir or f"{len(config.sources)} {config.source_name} sources"
-    _LOG.info("score: %s with %s (k=%d, beta=%g, batches %s..%s) -> %s on %s", source, info.version_dir, info.k,
-              info.beta, config.min_batch_size or 1, config.max_batch_size or "auto", config.output_dir, runner)
+    _LOG.info("score: %s with %s (%s, k=%d, beta=%g, batches %s..%s) -> %s on %s", source, info.version_dir,
+              info.signature, info.k, info.beta, config.min_batch_size or 1, config.max_batch_size or "auto",
+              config.output_dir, runner)
     start = time.time()
     p = beam.Pipeline(options=options)
     build_pipeline(p, config, info)
@@ -372,7 +424,8 @@ def format_summary(summary: ScoreSummary) -> str:
     u, m = s["users"], s["model"]
     lines = [
         f"score finished in {summary.seconds:.1f}s -> {summary.output_dir}",
-        f"  model        version {m['version']} ({m['version_dir']}), k={m['k']} beta={m['beta']}",
+        f"  model        version {m['version']} ({m['version_dir']}), k={m['k']} beta={m['beta']}, "
+        f"{m['signature']} (repeat rule {m.get('repeats')})",
         f"  users in {u['in']:,}   scored {u['scored']:,} (cold {u['cold']:,})   dead-lettered {u['dead_lettered']:,}"
         + (f" (model rejected {u['inference_failed']:,})" if u["inference_failed"] else ""),
     ]

@@ -1,6 +1,6 @@
 """`segrec score`'s output: one recommendation record per scored user, and where it is written.
 
-    (UserQuery, serving_default outputs) --ToRecord--> {user_id, segment_id, segment_label,
+    (UserQuery, serving_default / serving_exclude outputs) --ToRecord--> {user_id, segment_id, segment_label,
                                                         items, scores, model_version}
     records --WriteRecords--> recommendations-*.jsonl / recommendations-*.parquet / a BigQuery table
 

@@ -15,6 +15,15 @@ beta=None means the model's default: the client's `default_beta`, else the
 default the server publishes, else the export's `recommend_defaults`
 signature (its k must be >= the k asked for).
 
+Exclusions: `recommend(..., exclude=ids)` (or a third element per user in
+`recommend_many`) names items the user must not get back besides the
+history, e.g. everything they ever consumed (the history the model reads
+holds at most 50). Requests with any exclusion go to the export's
+serving_exclude signature (it needs a beta: the client's, the server's
+default, or an explicit one); without exclusions the client sends exactly
+what it always did (serving_default / recommend_defaults), so exports older
+than serving_exclude keep working.
+
 Token-id exports (`segrec export --text-input token_ids`, for servers
 without tensorflow_text's ops) take input_ids / padding_mask instead of
 user_text: give the client `token_ids=TokenIds.from_export(version_dir)`
@@ -35,7 +44,7 @@ import grpc
 import numpy as np
 
 from trainer import features
-from trainer.contracts import RECOMMEND_DEFAULTS, SERVING_DEFAULT  # noqa: F401
+from trainer.contracts import RECOMMEND_DEFAULTS, SERVING_DEFAULT, SERVING_EXCLUDE  # noqa: F401
 from trainer.segments import document as segments_doc
 
 SEGREC_METADATA = "segrec"
@@ -105,12 +114,16 @@ class RecommenderClient:
 
     # --- public API -----------------------------------------------------------------------
     def recommend(self, user_text: str, history: Sequence[str] = (), k: int = 10, beta: Optional[float] = None,
-                  version_label: Optional[str] = None, version: Optional[int] = None) -> Recommendation:
-        return self.recommend_many([(user_text, history)], k, beta, version_label, version)[0]
+                  version_label: Optional[str] = None, version: Optional[int] = None,
+                  exclude: Sequence[str] = ()) -> Recommendation:
+        """exclude: item ids never to return besides the history (e.g. the user's whole consumed set)."""
+        user = (user_text, history, exclude) if exclude else (user_text, history)
+        return self.recommend_many([user], k, beta, version_label, version)[0]
 
     def recommend_many(self, users: Sequence, k: int = 10, beta: Optional[float] = None,
                        version_label: Optional[str] = None, version: Optional[int] = None) -> list:
-        """users: [(user_text, history ids)] -> one Recommendation each, in order."""
+        """users: [(user_text, history ids)] or [(user_text, history ids, exclude ids)] -> one
+        Recommendation each, in order. Any exclusion sends the batch to serving_exclude."""
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
@@ -120,8 +133,12 @@ class RecommenderClient:
             beta = self.default_beta
         if beta is None:
             beta = self._info(version_label, version).get("default_beta")
-        width = max(1, max(len(h) for _, h in users))
-        hist = np.array([list(h) + [features.PAD_ITEM_ID] * (width - len(h)) for _, h in users], dtype=object)
+        excludes = [list(u[2]) if len(u) > 2 and u[2] else [] for u in users]
+        users = [(u[0], u[1]) for u in users]
+        if any(excludes) and beta is None:
+            raise ValueError("excluding items needs beta (serving_exclude has no defaults signature) and the "
+                             "server publishes no default beta: pass beta= (or default_beta= to the client)")
+        hist = _padded([h for _, h in users])
         request = predict_pb2.PredictRequest()
         _set_spec(request.model_spec, self.model_name, version_label, version)
         texts = [t for t, _ in users]
@@ -138,6 +155,9 @@ class RecommenderClient:
             truncate = k
         else:
             request.model_spec.signature_name = SERVING_DEFAULT
+            if any(excludes):
+                request.model_spec.signature_name = SERVING_EXCLUDE
+                request.inputs[features.EXCLUDE_ITEM_IDS].CopyFrom(tf.make_tensor_proto(_padded(excludes)))
             # One k and beta per row: serving_default's knobs have the batch dimension.
             request.inputs[features.K].CopyFrom(tf.make_tensor_proto(np.full(len(users), k, np.int32)))
             request.inputs[features.BETA].CopyFrom(tf.make_tensor_proto(np.full(len(users), beta, np.float32)))
@@ -228,6 +248,12 @@ class RecommenderClient:
         if self._file_labels is not None:
             return self._file_labels
         return self._info(None, model_version).get("segments") or {}
+
+
+def _padded(rows: Sequence) -> np.ndarray:
+    """Id lists -> [B, width] object array, right-padded with "" (at least one column)."""
+    width = max(1, max(len(r) for r in rows))
+    return np.array([list(r) + [features.PAD_ITEM_ID] * (width - len(r)) for r in rows], dtype=object)
 
 
 def _set_spec(spec, name: str, version_label: Optional[str], version: Optional[int]) -> None:

@@ -107,6 +107,39 @@ def test_concurrent_requests_with_different_knobs_share_a_call_and_answer_as_alo
         assert rec.segment_id == w[F.SEGMENT_ID][0]
 
 
+def test_exclusions_use_serving_exclude_and_only_when_given(client, server):
+    """exclude= drops those items (the rest is the plain ranking, one further down), via
+    serving_exclude; without exclusions the request is serving_default's, as before."""
+    signatures = []
+    predict = client._stub.Predict
+
+    def spy(request, **kw):
+        signatures.append(request.model_spec.signature_name)
+        return predict(request, **kw)
+
+    client._stub.Predict = spy
+    history = server["ids"][:2]
+    plain = client.recommend("loves hiking and camping", history, k=8, beta=0.5)
+    top = [i.item_id for i in plain.items]
+    rec = client.recommend("loves hiking and camping", history, k=6, beta=0.5, exclude=top[:2])
+    assert [i.item_id for i in rec.items] == top[2:8]
+    np.testing.assert_allclose([i.score for i in rec.items], [i.score for i in plain.items[2:8]], atol=1e-5)
+    assert signatures == ["serving_default", "serving_exclude"]
+    # A batch mixing users with and without exclusions: one serving_exclude call, each row its own.
+    many = client.recommend_many([("loves hiking and camping", history, top[:1]),
+                                  ("loves hiking and camping", history)], k=5, beta=0.5)
+    assert [i.item_id for i in many[0].items] == top[1:6] and [i.item_id for i in many[1].items] == top[:5]
+    assert signatures[-1] == "serving_exclude"
+    # beta=None: the server's published default beta works for exclusions too ...
+    default = client._info(None, None)["default_beta"]
+    assert client.recommend("loves hiking and camping", history, k=6, exclude=top[:2]) == client.recommend(
+        "loves hiking and camping", history, k=6, beta=default, exclude=top[:2])
+    # ... but without one (TF Serving) there is no defaults signature to fall back on.
+    client._info = lambda *a: {}
+    with pytest.raises(ValueError, match="pass beta"):
+        client.recommend("loves hiking and camping", history, k=6, exclude=top[:2])
+
+
 def test_token_is_required_and_bad_requests_are_not_retried(server):
     from serving.client import RecommenderClient, RecommendError
 

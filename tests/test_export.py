@@ -121,11 +121,19 @@ def test_signature_keys_dtypes_and_shapes(exports):
 
     sigs = _load(exports["brute_force"]).signatures
     assert set(sigs) == {"serving_default", "recommend_defaults", "serving_tf_example", "user_embedding",
-                         "encode_text", "serving_text_vector"}  # the last two: the text-vector cache's split
+                         "encode_text", "serving_text_vector",
+                         "serving_exclude"}  # the last two: the text-vector cache's split
     inputs = sigs["serving_default"].structured_input_signature[1]
     assert {k: (v.dtype, v.shape.as_list()) for k, v in inputs.items()} == {
         F.USER_TEXT: (tf.string, [None]), F.HISTORY_ITEM_IDS: (tf.string, [None, None]),
         F.K: (tf.int32, [None]), F.BETA: (tf.float32, [None])}
+    # serving_exclude: serving_default's inputs (unchanged above) + exclude_item_ids [B, E], same outputs.
+    excl = sigs["serving_exclude"].structured_input_signature[1]
+    assert {k: (v.dtype, v.shape.as_list()) for k, v in excl.items()} == {
+        **{k: (v.dtype, v.shape.as_list()) for k, v in inputs.items()},
+        F.EXCLUDE_ITEM_IDS: (tf.string, [None, None])}
+    assert {k: v.dtype for k, v in sigs["serving_exclude"].structured_outputs.items()} == {
+        k: v.dtype for k, v in sigs["serving_default"].structured_outputs.items()}
     assert set(sigs["recommend_defaults"].structured_input_signature[1]) == {F.USER_TEXT, F.HISTORY_ITEM_IDS}
     assert set(sigs["serving_tf_example"].structured_input_signature[1]) == {F.EXAMPLES}
     rec = sigs["serving_default"].structured_outputs
@@ -232,6 +240,129 @@ def test_user_embedding_signature_matches_the_model(exports, reference):
     np.testing.assert_array_equal(got[F.SEGMENT_ID].numpy(), want[F.SEGMENT_ID].numpy())
 
 
+def _exclude_request(batch, k, beta, exclude):
+    import tensorflow as tf
+
+    return dict(_request(batch, k, beta), **{F.EXCLUDE_ITEM_IDS: tf.constant(exclude, tf.string)})
+
+
+@slow
+@pytest.mark.parametrize("kind", ["brute_force", "scann"])
+def test_serving_exclude_removes_the_excluded_items_and_nothing_else(exports, reference, kind):
+    """Each row excludes serving_default's best item (and one row nothing, its row all ""): the
+    excluded item is absent and the rest is serving_default's ranking, one further down;
+    exclude_item_ids of width 0 answer as serving_default."""
+    import tensorflow as tf
+
+    _, _, batch = reference
+    sigs = _load(exports[kind]).signatures
+    rows = int(batch[F.USER_TEXT].shape[0])
+    plain = sigs["serving_default"](**_request(batch, 6, BETA))
+    ids, scores = _ids(plain[F.OUT_ITEM_IDS]), plain[F.OUT_SCORES].numpy()
+    # Row 0 excludes nothing (an all-"" row); the others their top item, padded to width 2.
+    exclude = [["", ""]] + [[ids[i][0], ""] for i in range(1, rows)]
+    got = sigs["serving_exclude"](**_exclude_request(batch, 5, BETA, exclude))
+    got_ids, got_scores = _ids(got[F.OUT_ITEM_IDS]), got[F.OUT_SCORES].numpy()
+    assert got_ids[0] == ids[0][:5]
+    np.testing.assert_allclose(got_scores[0], scores[0][:5], atol=1e-5)
+    for i in range(1, rows):
+        assert ids[i][0] not in got_ids[i]
+        assert got_ids[i] == ids[i][1:6], i  # the rest unchanged, in order
+        np.testing.assert_allclose(got_scores[i], scores[i][1:6], atol=1e-5)
+    np.testing.assert_array_equal(got[F.SEGMENT_ID].numpy(), plain[F.SEGMENT_ID].numpy())
+    np.testing.assert_allclose(got[F.SEGMENT_PROBS].numpy(), plain[F.SEGMENT_PROBS].numpy(), atol=1e-6)
+    # No exclusion column at all (E = 0): serving_default's answer.
+    empty = sigs["serving_exclude"](**_exclude_request(batch, 6, BETA, tf.zeros([rows, 0], tf.string)))
+    assert _ids(empty[F.OUT_ITEM_IDS]) == ids
+    # The whole catalog excluded but one item: that item only, then padding.
+    n = len(reference[0].model.item_ids)
+    everything = [[i for i in reference[0].model.item_ids if i != ids[r][2]] for r in range(rows)]
+    last = sigs["serving_exclude"](**_exclude_request(batch, 3, BETA, everything))
+    for r, row in enumerate(_ids(last[F.OUT_ITEM_IDS])):
+        assert row == [ids[r][2], "", ""], (r, n)
+    # A wrong batch dimension is rejected naming the input.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"inputs\.exclude_item_ids"):
+        sigs["serving_exclude"](**_exclude_request(batch, 5, BETA, exclude[:-1]))
+
+
+@slow
+def test_export_json_records_the_repeat_rule_and_the_recall_queries(exports, trained):
+    """The repeat rule of the training data (tiny preprocess: "exclude"), the signatures, and the
+    ScaNN recall measured on held-out queries disjoint from the ones its depth was tuned on."""
+    from serving.export import exporter as ex
+    from trainer.model import run_dir as rd
+
+    for kind in ("brute_force", "scann"):
+        vdir = exports[kind].version_dir
+        info = layout.read_export_info(vdir)
+        assert info["repeats"] == layout.repeat_rule(info) == "exclude"
+        assert "serving_exclude" in info["signatures"] and layout.has_signature(vdir, info, "serving_exclude")
+        assert layout.has_signature(vdir, {}, "serving_exclude")  # read from the graph without export.json
+        card = open(vdir + "/model_card.md").read()
+        assert "Repeat rule of the training data: exclude" in card and "`serving_exclude`" in card
+    sc = exports["scann"]
+    info = layout.read_export_info(sc.version_dir)
+    assert info["scann_recall_queries"] == sc.recall_queries > 0
+    assert info["scann_tuning_queries"] == sc.recall_tuning_queries > 0
+    run = rd.load_run(str(trained))
+    distinct = len(ex.split_queries(ex.heldout_queries(run, 1000, BETA))[0]) + len(
+        ex.split_queries(ex.heldout_queries(run, 1000, BETA))[1])
+    assert sc.recall_queries + sc.recall_tuning_queries == distinct
+    card = open(sc.version_dir + "/model_card.md").read()
+    assert (f"on {sc.recall_queries} held-out (validation split) queries not used for tuning (the search depth "
+            f"was tuned on {sc.recall_tuning_queries} other held-out queries)") in card
+    assert layout.repeat_rule({}) is None
+    with pytest.raises(ValueError, match="repeat rule"):
+        layout.repeat_rule({"repeats": "sometimes"})
+
+
+def test_scann_recall_is_measured_on_queries_disjoint_from_the_tuning_ones(monkeypatch):
+    """Spies on index.tune_leaves and index.recall_at_k: the recall the export reports comes from
+    queries none of which the search depth was tuned on; together they are every distinct query."""
+    from serving.export import exporter as ex
+    from serving.export import index as ix
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(1100, 8)).astype(np.float32)
+    queries = rng.normal(size=(41, 8)).astype(np.float32)
+    queries = np.concatenate([queries, queries[:3]])  # duplicates count once
+    index = ix.build_index("scann", items)
+    assert index.params.partitioned
+    tuned, measured, inside = [], [], []
+    tune, recall = ix.tune_leaves, ix.recall_at_k
+
+    def spy_tune(index_, q, *a, **kw):
+        tuned.append(np.array(q))
+        inside.append(True)
+        try:
+            return tune(index_, q, *a, **kw)
+        finally:
+            inside.pop()
+
+    def spy_recall(index_, q, *a, **kw):
+        if not inside:
+            measured.append(np.array(q))
+        return recall(index_, q, *a, **kw)
+
+    monkeypatch.setattr(ix, "tune_leaves", spy_tune)
+    monkeypatch.setattr(ix, "recall_at_k", spy_recall)
+    got, n_tune, n_measure = ex.scann_recall(index, queries, items, min_recall=0.9, seed=3)
+    assert len(tuned) == 1 and len(measured) == 1
+    tune_rows = {r.tobytes() for r in tuned[0]}
+    measure_rows = {r.tobytes() for r in measured[0]}
+    assert not tune_rows & measure_rows
+    assert tune_rows | measure_rows == {r.tobytes() for r in queries}
+    assert (n_tune, n_measure) == (len(tune_rows), len(measure_rows)) == (21, 20)
+    assert got == recall(index, measured[0], items, k=10)
+    # Deterministic for a seed; another seed splits differently.
+    again = ex.split_queries(queries, 3)
+    np.testing.assert_array_equal(again[0], tuned[0])
+    assert not np.array_equal(ex.split_queries(queries, 4)[0], tuned[0])
+    # One distinct query: nothing to tune on, the recall is measured on it.
+    one_tune, one_measure = ex.split_queries(queries[:1].repeat(3, axis=0))
+    assert len(one_tune) == 0 and len(one_measure) == 1
+
+
 @slow
 def test_warmup_file_holds_prediction_logs_the_model_answers(exports):
     import tensorflow as tf
@@ -241,14 +372,19 @@ def test_warmup_file_holds_prediction_logs_the_model_answers(exports):
     path = exports["scann"].version_dir + "/" + contracts.WARMUP_FILE
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
     assert logs
-    fn = _load(exports["scann"]).signatures["serving_default"]
+    sigs = _load(exports["scann"]).signatures
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == ["serving_default",
+                                                                                    "serving_exclude"]
     for log in logs:
         req = log.predict_log.request
-        assert (req.model_spec.name, req.model_spec.signature_name) == ("segrec", "serving_default")
-        assert set(req.inputs) == {F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA}
+        name = req.model_spec.signature_name
+        assert req.model_spec.name == "segrec"
+        assert set(req.inputs) == {F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA} | (
+            {F.EXCLUDE_ITEM_IDS} if name == "serving_exclude" else set())
         inputs = {k: tf.make_ndarray(v) for k, v in req.inputs.items()}
         rows = len(inputs[F.USER_TEXT])
         assert inputs[F.K].shape == (rows,) and inputs[F.BETA].shape == (rows,)
+        fn = sigs[name]
         out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
         assert out[F.OUT_ITEM_IDS].shape == (rows, inputs[F.K].max())
 
@@ -348,7 +484,7 @@ def test_saved_model_cli_lists_the_signatures(exports):
          exports["brute_force"].version_dir],
         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
-    for name in ("serving_default", "recommend_defaults", "serving_tf_example", "user_embedding"):
+    for name in ("serving_default", "recommend_defaults", "serving_tf_example", "user_embedding", "serving_exclude"):
         assert f"signature_def['{name}']" in out.stdout
 
 
@@ -471,7 +607,7 @@ def test_token_id_export_needs_no_text_ops_and_answers_as_the_text_export(traine
     vdir = summary.version_dir
     info = layout.read_export_info(vdir)
     assert info["non_core_ops"] == [] and info["text_input"] == "token_ids"
-    assert set(info["signatures"]) == {"serving_default", "recommend_defaults", "user_embedding"}
+    assert set(info["signatures"]) == {"serving_default", "recommend_defaults", "user_embedding", "serving_exclude"}
     texts = [t.decode() for t in batch[F.USER_TEXT].numpy()]
     tokens = TokenIds.from_export(vdir)
     ids, mask = tokens(texts)

@@ -97,6 +97,11 @@ def test_batch_inputs_pad_history_and_shape_knobs_like_the_signature():
     assert got[F.BETA].shape == () and got[F.BETA].dtype == np.float32  # scalar spec -> scalar
     cold = model_handler.batch_inputs([UserQuery("u", "t")], {F.USER_TEXT: None, F.HISTORY_ITEM_IDS: None})
     assert cold[F.HISTORY_ITEM_IDS].shape == (1, 1)  # at least one column
+    assert F.EXCLUDE_ITEM_IDS not in got  # only serving_exclude takes it
+    excl = model_handler.batch_inputs(
+        [UserQuery("u1", "a", ("x",), ("x", "p", "q")), UserQuery("u2", "b", (), ())],
+        {**specs, F.EXCLUDE_ITEM_IDS: tf.TensorSpec([None, None], tf.string)}, k=4, beta=0.5)
+    assert excl[F.EXCLUDE_ITEM_IDS].tolist() == [["x", "p", "q"], ["", "", ""]]
     with pytest.raises(ValueError, match="'k'"):
         model_handler.batch_inputs(batch, specs, k=None, beta=0.5)
 
@@ -374,6 +379,126 @@ def test_query_policy_follows_the_training_data(tmp_path, export_dir):
     assert score.training_policy(str(version)) == ex.ExamplePolicy()  # unreadable -> the defaults
     # The tiny export names its real dataset dir, preprocessed with the defaults.
     assert score.training_policy(export_dir) == ex.ExamplePolicy()
+
+
+# --- the consumed set (serving_exclude) -----------------------------------------------------------
+
+
+def _consumed(d) -> dict:
+    """user -> every item of their accepted (catalog) interactions in a raw input dir."""
+    items = {r["item_id"] for r in csv.DictReader(open(d / "items.csv", encoding="utf-8"))}
+    out = {}
+    for r in csv.DictReader(open(d / "interactions.csv", encoding="utf-8")):
+        if r["item_id"] in items:
+            out.setdefault(r["user_id"], set()).add(r["item_id"])
+    return out
+
+
+def _without_exclude(export_dir, tmp_path) -> str:
+    """A copy of the export whose export.json predates serving_exclude (and the repeat rule)."""
+    import shutil
+
+    version = tmp_path / "old" / "segrec" / "1"
+    shutil.copytree(export_dir, version)
+    info = json.loads((version / "export.json").read_text())
+    info["signatures"] = [name for name in info["signatures"] if name != "serving_exclude"]
+    info.pop("repeats", None)
+    (version / "export.json").write_text(json.dumps(info))
+    return str(version)
+
+
+def test_scoring_excludes_the_whole_consumed_set_beyond_max_history(tiny_generated, export_dir, tmp_path, caplog):
+    """Queries built with max_history 2 (users have ~12 events): serving_default (an export without
+    serving_exclude) leaks items the users already consumed; the export's serving_exclude never does,
+    and otherwise keeps serving_default's ranking."""
+    consumed = _consumed(tiny_generated)
+    args = ["--input-dir", str(tiny_generated), "--k", str(K), "--beta", str(BETA), "--max-history", "2"]
+    out = tmp_path / "new"
+    assert cli.main(["score", "--model-dir", export_dir, "--output-dir", str(out)] + args) == 0
+    stats = json.load(open(out / "stats.json"))
+    assert stats["model"]["signature"] == "serving_exclude" and stats["model"]["exclude_consumed"]
+    assert stats["model"]["repeats"] == "exclude" and stats["balanced"]
+    rows = _read_jsonl(out)
+    assert len(rows) == 50
+    for user, r in rows.items():
+        assert len(r["items"]) == K and not set(r["items"]) & consumed[user], user
+
+    old = tmp_path / "old_out"
+    with caplog.at_level("WARNING", logger="segrec.score"):
+        assert cli.main(["score", "--model-dir", _without_exclude(export_dir, tmp_path),
+                         "--output-dir", str(old)] + args) == 0
+    assert "no serving_exclude signature" in caplog.text
+    assert json.load(open(old / "stats.json"))["model"]["signature"] == "serving_default"
+    old_rows = _read_jsonl(old)
+    leaked = {u for u, r in old_rows.items() if set(r["items"]) & consumed[u]}
+    assert len(leaked) >= 5, "the toy must leak consumed items through serving_default for the test to mean much"
+    for user, r in rows.items():  # the same ranking with the consumed items taken out
+        kept = [i for i in old_rows[user]["items"] if i not in consumed[user]]
+        assert r["items"][: len(kept)] == kept, user
+
+
+def test_dataset_dir_queries_carry_the_events_their_split_may_see(export_dir, base_path):
+    """QueriesFromDataset(consumed=True): each newest (eval) query excludes every train/valid event of
+    its user before it, plus its history; without consumed=True nothing changes."""
+    import tensorflow as tf
+
+    from trainer.data import arrays as da
+
+    ds = str(pathlib.Path(base_path).parent / "ds")
+    split = da.load_split(ds, "eval")
+    eval_ts = {}
+    for u, t in zip(split.user_ids, split.timestamps):
+        eval_ts[str(u)] = max(eval_ts.get(str(u), 0), int(t))
+    expected = {}
+    for raw in tf.data.TFRecordDataset(glob.glob(os.path.join(ds, F.EVENTS_PATTERN)), compression_type="GZIP"):
+        feats = tf.train.Example.FromString(raw.numpy()).features.feature
+        user = feats[F.USER_ID].bytes_list.value[0].decode()
+        if user not in eval_ts:
+            continue
+        items = [v.decode() for v in feats[F.EVENT_ITEM_IDS].bytes_list.value]
+        stamps = list(feats[F.EVENT_TIMESTAMPS].int64_list.value)
+        expected[user] = {i for i, t in zip(items, stamps) if t < eval_ts[user]}
+    assert len(expected) >= 40
+
+    def check(queries):
+        by_user = {q.user_id: q for q in queries}
+        for user, want in expected.items():
+            q = by_user[user]
+            assert set(q.exclude_item_ids) == want | set(q.history_item_ids), user
+            assert len(q.exclude_item_ids) == len(set(q.exclude_item_ids))
+
+    with TestPipeline() as p:
+        with_consumed = p | "Consumed" >> user_queries.QueriesFromDataset(ds, consumed=True)
+        plain = p | "Plain" >> user_queries.QueriesFromDataset(ds)
+        assert_that(with_consumed["queries"] | "All" >> beam.combiners.ToList(), lambda got: check(got[0]),
+                    label="Consumed")
+        assert_that(plain["queries"] | "NoExclusions" >> beam.Filter(lambda q: q.exclude_item_ids), equal_to([]),
+                    label="Plain")
+
+
+def test_the_signature_follows_the_repeat_rule_and_the_export(export_dir, tmp_path, caplog):
+    from trainer.contracts import SERVING_DEFAULT, SERVING_EXCLUDE
+
+    info = layout.read_export_info(export_dir)
+    assert score.scoring_signature(export_dir, info) == (SERVING_EXCLUDE, "exclude")
+    # "allow": re-consumption is legitimate, nothing beyond the history is removed.
+    assert score.scoring_signature(export_dir, dict(info, repeats="allow")) == (SERVING_DEFAULT, "allow")
+    # An export.json without the rule: the training data's metadata.json says it.
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "metadata.json").write_text(json.dumps({"repeats": "allow"}))
+    older = {k: v for k, v in info.items() if k != "repeats"}
+    assert score.scoring_signature(export_dir, dict(older, dataset_dir=str(ds))) == (SERVING_DEFAULT, "allow")
+    (ds / "metadata.json").unlink()
+    assert score.scoring_signature(export_dir, dict(older, dataset_dir=str(ds))) == (SERVING_EXCLUDE, "exclude")
+    # An export without serving_exclude keeps today's behaviour, with a warning.
+    with caplog.at_level("WARNING", logger="segrec.score"):
+        got = score.scoring_signature(export_dir, dict(info, signatures=[SERVING_DEFAULT]))
+    assert got == (SERVING_DEFAULT, "exclude") and "no serving_exclude signature" in caplog.text
+    # The ModelInfo the pipeline is built from.
+    model = score.resolve_model(score.ScoreConfig(model_dir=export_dir, output_dir=str(tmp_path / "o"),
+                                                  dataset_dir=str(ds)))
+    assert model.signature == SERVING_EXCLUDE and model.exclude_consumed
 
 
 # --- users the model rejects --------------------------------------------------------------------

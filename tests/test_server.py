@@ -246,6 +246,67 @@ def test_bad_requests_get_the_right_code_naming_the_field(served, stub):
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+def exclude_request(batch, exclude, k=5, beta=0.5):
+    """serving_exclude: serving_default's inputs + exclude_item_ids (given as is: any shape or dtype)."""
+    import tensorflow as tf
+
+    req = request(batch, k, beta)
+    req.model_spec.signature_name = "serving_exclude"
+    req.inputs[F.EXCLUDE_ITEM_IDS].CopyFrom(tf.make_tensor_proto(exclude))
+    return req
+
+
+@integration
+def test_serving_exclude_removes_the_items_and_bad_exclusions_are_invalid_argument(served, stub):
+    """Each user excludes serving_default's best item: the rest is serving_default's ranking, over gRPC
+    and REST (instances of different lengths). A malformed exclude_item_ids gets INVALID_ARGUMENT naming
+    it, and the server answers the next request."""
+    import json
+
+    import grpc
+
+    batch = users(served["ids"], n=3, seed=5)
+    plain = outputs(stub.Predict(request(batch, k=6), timeout=10))
+    ids = [[x.decode() for x in row] for row in plain[F.OUT_ITEM_IDS]]
+    exclude = np.array([[ids[0][0], ""], [ids[1][0], ids[1][0]], [ids[2][0], "not-an-item"]], dtype=object)
+    got = outputs(stub.Predict(exclude_request(batch, exclude), timeout=10))
+    assert [[x.decode() for x in row] for row in got[F.OUT_ITEM_IDS]] == [row[1:6] for row in ids]
+    np.testing.assert_allclose(got[F.OUT_SCORES], plain[F.OUT_SCORES][:, 1:6], atol=1e-5)
+
+    bad = {
+        "rank 1": np.array([b"a", b"b", b"c"], dtype=object),
+        "rank 3": np.array([[[b"a"]], [[b"b"]], [[b"c"]]], dtype=object),
+        "int dtype": np.array([[1], [2], [3]], np.int32),
+        "batch of 2": np.array([[b"a"], [b"b"]], dtype=object),
+    }
+    wrong = []
+    for name, value in bad.items():
+        try:
+            stub.Predict(exclude_request(batch, value), timeout=10)
+            wrong.append(f"{name}: succeeded")
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.INVALID_ARGUMENT or "exclude_item_ids" not in err.details():
+                wrong.append(f"{name}: {err.code().name} {err.details()!r}")
+    missing = exclude_request(batch, exclude)
+    missing.inputs.pop(F.EXCLUDE_ITEM_IDS)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(missing, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inputs.exclude_item_ids: missing" in \
+        err.value.details()
+    assert not wrong, "\n".join(wrong)
+    # Still serving: the same good request answers as before.
+    again = outputs(stub.Predict(exclude_request(batch, exclude), timeout=10))
+    np.testing.assert_array_equal(again[F.OUT_ITEM_IDS], got[F.OUT_ITEM_IDS])
+
+    # REST's row format pads each instance's exclusions like its history.
+    instances = [{F.USER_TEXT: t, F.HISTORY_ITEM_IDS: h, F.K: 5, F.BETA: 0.5,
+                  F.EXCLUDE_ITEM_IDS: [x for x in row if x]} for (t, h), row in zip(batch, exclude.tolist())]
+    rq = urllib.request.Request(f"http://127.0.0.1:{served['rest']}/v1/models/segrec:predict", method="POST",
+                                data=json.dumps({"signature_name": "serving_exclude", "instances": instances}).encode())
+    rows = json.loads(urllib.request.urlopen(rq, timeout=10).read())["predictions"]
+    assert [r[F.OUT_ITEM_IDS] for r in rows] == [row[1:6] for row in ids]
+
+
 @integration
 def test_random_requests_never_crash_the_server(served, stub):
     import grpc
@@ -275,9 +336,9 @@ def test_random_requests_never_crash_the_server(served, stub):
         req = predict_pb2.PredictRequest()
         req.model_spec.name = "segrec"
         req.model_spec.signature_name = draw(st.sampled_from(
-            ["serving_default", "recommend_defaults", "user_embedding", "serving_tf_example", ""]))
-        names = draw(st.lists(st.sampled_from([F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA, F.EXAMPLES]),
-                              unique=True))
+            ["serving_default", "recommend_defaults", "user_embedding", "serving_tf_example", "serving_exclude", ""]))
+        names = draw(st.lists(st.sampled_from([F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA, F.EXAMPLES,
+                                               F.EXCLUDE_ITEM_IDS]), unique=True))
         for name in names:
             req.inputs[name].CopyFrom(tf.make_tensor_proto(draw(tensor())))
         return req
@@ -314,8 +375,10 @@ def test_metadata_status_and_labels(served, stub):
     sigs = get_model_metadata_pb2.SignatureDefMap()
     meta.metadata["signature_def"].Unpack(sigs)
     assert set(sigs.signature_def) == {"serving_default", "recommend_defaults", "serving_tf_example",
-                                       "user_embedding", "encode_text", "serving_text_vector"}
+                                       "user_embedding", "encode_text", "serving_text_vector", "serving_exclude"}
     assert set(sigs.signature_def["serving_default"].inputs) == {F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA}
+    assert set(sigs.signature_def["serving_exclude"].inputs) == {F.USER_TEXT, F.HISTORY_ITEM_IDS, F.K, F.BETA,
+                                                                 F.EXCLUDE_ITEM_IDS}
     with grpc.insecure_channel(served["target"]) as ch:
         status = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(
             get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "segrec"}), timeout=10)
@@ -884,3 +947,18 @@ def test_parse_labels():
     assert server.parse_labels("") == ()
     with pytest.raises(ValueError, match="LABEL=VERSION"):
         server.parse_labels("stable:1")
+
+
+def test_serving_exclude_requests_merge_with_their_exclusions_padded():
+    """exclude_item_ids of different widths (0 included) merge like the history: right-padded with b""."""
+    from serving.server import batching
+
+    tasks = []
+    for width in (0, 2, 1):
+        inputs = dict(_task(rows=2, width=1), **{
+            F.EXCLUDE_ITEM_IDS: np.array([[b"e"] * width] * 2, dtype=object).reshape(2, width)})
+        tasks.append(batching.Task("v1", "serving_exclude", inputs, None, rows=2))
+    keys = {batching._task_key("v1", "serving_exclude", t.inputs) for t in tasks}
+    assert len(keys) == 1 and isinstance(next(iter(keys))[-1], bool)  # mergeable, one call
+    merged = batching.merge(tasks)
+    assert merged[F.EXCLUDE_ITEM_IDS].tolist() == [[b"", b""]] * 2 + [[b"e", b"e"]] * 2 + [[b"e", b""]] * 2

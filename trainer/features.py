@@ -47,6 +47,9 @@ ITEM_FEATURES = (ITEM_ID, ITEM_TITLE, ITEM_TEXT, ITEM_CATEGORIES)
 K = "k"  # int32 [B], results per row (request-time knob; batchable)
 BETA = "beta"  # float32 [B], segment pull of each query (request-time knob; batchable)
 EXAMPLES = "examples"  # serialized tf.Example, serving_tf_example input
+# [B, E] string, "" padded: items serving_exclude never returns (besides the history), e.g. the
+# user's whole consumed set; not a model input.
+EXCLUDE_ITEM_IDS = "exclude_item_ids"
 OUT_ITEM_IDS = "item_ids"  # [B, max(k)] string
 OUT_SCORES = "scores"  # [B, max(k)] float32
 EMBEDDING = "embedding"  # [B, d] float32

@@ -42,12 +42,13 @@ from beam_pipelines.inference import NAMESPACE, retrying
 from serving.export import layout
 from serving.server import text_cache as tc
 from trainer import features
-from trainer.contracts import RECOMMEND_DEFAULTS, SERVING_DEFAULT, USER_EMBEDDING
+from trainer.contracts import RECOMMEND_DEFAULTS, SERVING_DEFAULT, SERVING_EXCLUDE, USER_EMBEDDING
 
 _LOG = logging.getLogger(NAMESPACE)
 
 # The signatures a UserQuery can feed (serving_tf_example takes serialized tf.Examples).
-QUERY_SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, USER_EMBEDDING)
+QUERY_SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, USER_EMBEDDING, SERVING_EXCLUDE)
+KNOB_SIGNATURES = (SERVING_DEFAULT, SERVING_EXCLUDE)  # the ones that take k and beta
 
 
 def _tensorflow_inference():
@@ -120,17 +121,17 @@ def batch_inputs(batch, specs: Mapping, k: Optional[int] = None, beta: Optional[
     """UserQuery list -> numpy inputs of a signature with TensorSpecs `specs`.
 
     history_item_ids [B, H]: padded with features.PAD_ITEM_ID to the batch's
-    longest history, at least one column (a batch of cold users is [B, 1]).
+    longest history, at least one column (a batch of cold users is [B, 1]);
+    exclude_item_ids [B, E] (serving_exclude: each query's exclude_item_ids)
+    likewise.
     """
     n = len(batch)
-    width = max([1] + [len(q.history_item_ids) for q in batch])
-    history = np.full((n, width), features.PAD_ITEM_ID, dtype=object)
-    for i, q in enumerate(batch):
-        history[i, : len(q.history_item_ids)] = q.history_item_ids
     inputs = {
         features.USER_TEXT: np.array([q.user_text for q in batch], dtype=object),
-        features.HISTORY_ITEM_IDS: history,
+        features.HISTORY_ITEM_IDS: _padded([q.history_item_ids for q in batch]),
     }
+    if features.EXCLUDE_ITEM_IDS in specs:
+        inputs[features.EXCLUDE_ITEM_IDS] = _padded([q.exclude_item_ids for q in batch])
     if features.USER_ID in specs:
         inputs[features.USER_ID] = np.array([q.user_id for q in batch], dtype=object)
     for name, value, dtype in ((features.K, k, np.int32), (features.BETA, beta, np.float32)):
@@ -146,6 +147,15 @@ def batch_inputs(batch, specs: Mapping, k: Optional[int] = None, beta: Optional[
     return inputs
 
 
+def _padded(rows) -> np.ndarray:
+    """Id sequences -> [B, width] object array padded with PAD_ITEM_ID, at least one column."""
+    width = max([1] + [len(r) for r in rows])
+    out = np.full((len(rows), width), features.PAD_ITEM_ID, dtype=object)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # loaded model -> its TextVectorCache
 _CACHES_LOCK = threading.Lock()
 _CACHE_HITS = Metrics.counter(NAMESPACE, "text_cache.hits")
@@ -154,8 +164,9 @@ _CACHE_MISSES = Metrics.counter(NAMESPACE, "text_cache.misses")
 
 def text_cache_for(model, signature: str, size: int) -> Optional[tc.TextVectorCache]:
     """The worker's text-vector cache of a loaded `model` (one per model, shared by threads), or None:
-    size 0, a signature other than serving_default, or an export without the split signatures."""
-    if size <= 0 or signature != SERVING_DEFAULT or not tc.usable(model.signatures.keys(), signature):
+    size 0, a signature other than serving_default / serving_exclude, or an export without the split signatures."""
+    if size <= 0 or signature not in (SERVING_DEFAULT, SERVING_EXCLUDE) or \
+            not tc.usable(model.signatures.keys(), signature):
         return None
     with _CACHES_LOCK:
         cache = _CACHES.get(model)
@@ -187,12 +198,13 @@ class SegRecModelHandler(_tfi.TFModelHandlerTensor):
 
     Args:
       model_dir: a version dir, or a base path (its latest version).
-      signature: serving_default (needs k and beta), recommend_defaults or
-        user_embedding.
+      signature: serving_default or serving_exclude (need k and beta; the
+        latter also sends each query's exclude_item_ids), recommend_defaults
+        or user_embedding.
       k, beta: the knobs of serving_default.
       min_batch_size, max_batch_size: RunInference batching bounds.
       text_cache_size: user texts whose vectors a worker keeps per loaded
-        model (serving_default only; 0 = no cache).
+        model (serving_default and serving_exclude; 0 = no cache).
       **kwargs: passed to TFModelHandlerTensor (e.g. model_copies).
     """
 
@@ -201,8 +213,8 @@ class SegRecModelHandler(_tfi.TFModelHandlerTensor):
                  max_batch_size: Optional[int] = None, text_cache_size: int = tc.DEFAULT_SIZE, **kwargs):
         if signature not in QUERY_SIGNATURES:
             raise ValueError(f"signature must be one of {QUERY_SIGNATURES}, got {signature!r}")
-        if signature == SERVING_DEFAULT and (k is None or beta is None):
-            raise ValueError("serving_default needs k and beta (export.json holds the export's own)")
+        if signature in KNOB_SIGNATURES and (k is None or beta is None):
+            raise ValueError(f"{signature} needs k and beta (export.json holds the export's own)")
         if k is not None and k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if beta is not None and not np.isfinite(beta):
@@ -222,7 +234,8 @@ class SegRecModelHandler(_tfi.TFModelHandlerTensor):
         return layout.load_exported(self._model_uri)
 
     def get_num_bytes(self, batch) -> int:
-        return sum(len(q.user_text) + sum(len(h) for h in q.history_item_ids) for q in batch)
+        return sum(len(q.user_text) + sum(len(h) for h in q.history_item_ids)
+                   + sum(len(e) for e in q.exclude_item_ids) for q in batch)
 
     def get_metrics_namespace(self) -> str:
         return NAMESPACE

@@ -12,6 +12,16 @@ would at the same time. Users without a query are dead-lettered with source
 QUERY_SOURCE and a reason in QUERY_REASONS. `QueriesFromDataset` reads back
 the queries preprocess wrote (per user, the newest eval example, else the
 newest training example): they ARE the model's eval queries, byte for byte.
+
+With `consumed=True` both also fill each query's `exclude_item_ids` with the
+user's whole consumed set (`examples.consumed_before`: every distinct item
+consumed strictly before the query, unbounded, where the history keeps at
+most max_history), for the export's serving_exclude signature: from raw logs,
+every accepted event before as_of (the window limits what the query reads,
+not what the user has consumed); from a dataset dir, the events-* log's
+events the query's split may see (examples.VISIBLE_SPLITS) plus the targets
+of the user's earlier training examples (all a schema-1 dir without events-*
+has), strictly earlier than the query.
 """
 
 from __future__ import annotations
@@ -50,12 +60,15 @@ class UserQuery:
     """One user's query features, as every signature of the export reads them.
 
     history_item_ids: most recent first, at most the policy's max_history,
-    empty for a cold user.
+    empty for a cold user. exclude_item_ids: items the answer must not hold
+    (serving_exclude's input): the user's whole consumed set when the query
+    was built with consumed=True, else empty; not a model input.
     """
 
     user_id: str
     user_text: str
     history_item_ids: tuple = ()  # tuple[str, ...]
+    exclude_item_ids: tuple = ()  # tuple[str, ...], most recent first
 
 
 # --- from canonical records ----------------------------------------------------------------------
@@ -79,11 +92,12 @@ class BuildQuery(beam.DoFn):
     """
 
     def __init__(self, policy: ex.ExamplePolicy, as_of: Optional[int], window_seconds: Optional[int],
-                 cold_users: bool):
+                 cold_users: bool, consumed: bool = False):
         self._policy = policy
         self._as_of = as_of
         self._window = window_seconds
         self._cold = cold_users
+        self._consumed = consumed
         self._built = Metrics.counter(NAMESPACE, "queries_built")
 
     def process(self, element, titles, as_of=None):
@@ -107,7 +121,11 @@ class BuildQuery(beam.DoFn):
             yield T.tagged_count("users.queries")
             if not history:
                 yield T.tagged_count("users.cold")
-            yield UserQuery(user_id, text, tuple(history))
+            if self._consumed:
+                before = as_of if as_of is not None else (events[-1].timestamp + 1 if events else 0)
+                yield UserQuery(user_id, text, tuple(history), tuple(ex.consumed_before(events, before)))
+            else:
+                yield UserQuery(user_id, text, tuple(history))
             return
         raw = {"user_id": user_id, "interactions": len(seen), "usable_interactions": len(events),
                "profile": attributes if users else None}
@@ -143,7 +161,9 @@ class BuildUserQueries(beam.PTransform):
     is given, computed in the pipeline). window_seconds: only events in
     [as_of - window_seconds, as_of) count. cold_users: users with a profile
     and no usable event are scored as cold users (empty history, profile
-    text) instead of dead-lettered.
+    text) instead of dead-lettered. consumed: fill each query's
+    exclude_item_ids with every accepted event's item before as_of (see the
+    module doc).
 
     Outputs (a dict with a .queries property): `queries`, T.DEAD (records.DeadLetter: the
     row-level ones of the dedupe/join steps and the user-level ones) and
@@ -153,10 +173,11 @@ class BuildUserQueries(beam.PTransform):
 
     def __init__(self, policy: ex.ExamplePolicy = ex.ExamplePolicy(), as_of: Optional[int] = None,
                  window_seconds: Optional[int] = None, cold_users: bool = False,
-                 min_rating: Optional[float] = None):
+                 min_rating: Optional[float] = None, consumed: bool = False):
         super().__init__()
         if window_seconds is not None and window_seconds <= 0:
             raise ValueError(f"window_seconds must be > 0, got {window_seconds}")
+        self._consumed = consumed
         self._policy = policy
         self._as_of = as_of
         self._window = window_seconds
@@ -192,7 +213,8 @@ class BuildUserQueries(beam.PTransform):
              "users": users.records | "KeyUsers" >> beam.Map(lambda r: (r.user_id, r))}
             | "GroupByUser" >> beam.CoGroupByKey()
             | "BuildQuery" >> beam.ParDo(
-                BuildQuery(self._policy, self._as_of, self._window, self._cold), titles=titles, as_of=as_of
+                BuildQuery(self._policy, self._as_of, self._window, self._cold, self._consumed), titles=titles,
+                as_of=as_of
             ).with_outputs(T.DEAD, T.COUNTS, main="queries")
         )
         dead = (items[T.DEAD], users[T.DEAD], joined[T.DEAD], built[T.DEAD]) | "FlattenDead" >> beam.Flatten()
@@ -266,12 +288,50 @@ def _newest_query(element):
     return UserQuery(user_id, text, history)
 
 
-class QueriesFromDataset(beam.PTransform):
-    """dataset dir -> {"queries", T.DEAD, T.COUNTS} like BuildUserQueries (see the module doc)."""
+def _parse_events(raw: bytes):
+    """Serialized events-* record -> (user_id, ((item_id, timestamp, split), ...)); a corrupt one is skipped
+    (the log only adds exclusions; the queries come from the examples)."""
+    import tensorflow as tf
 
-    def __init__(self, dataset_dir: str):
+    try:
+        feats = tf.train.Example.FromString(raw).features.feature
+        user = feats[features.USER_ID].bytes_list.value[0].decode("utf-8")
+        items = [v.decode("utf-8") for v in feats[features.EVENT_ITEM_IDS].bytes_list.value]
+        stamps = list(feats[features.EVENT_TIMESTAMPS].int64_list.value)
+        splits = [v.decode("utf-8") for v in feats[features.EVENT_SPLITS].bytes_list.value]
+    except Exception:  # noqa: BLE001
+        Metrics.counter(_SCORE_NAMESPACE, "events_unreadable").inc()
+        return
+    yield user, tuple(zip(items, stamps, splits))
+
+
+def _newest_query_with_consumed(element):
+    """(user_id, {"rows", "events"}) -> the newest query, its exclude_item_ids the user's consumed set:
+    the events its split may see and the earlier training targets, strictly before it, plus its history."""
+    user_id, grouped = element
+    values = list(grouped["rows"])
+    if not values:  # in the event log only (no example in train/eval): no query, as without the log
+        return
+    rank, ts, _, text, history = max(values, key=lambda v: v[:3])
+    visible = ex.VISIBLE_SPLITS[ex.EVAL if rank == 1 else ex.TRAIN]
+    seen = [ex.Event(item, t) for log in grouped["events"] for item, t, split in log if split in visible]
+    seen += [ex.Event(v[2], v[1]) for v in values if v[0] == 0 and v[2]]  # training targets
+    consumed = ex.consumed_before(ex.sort_events(seen), ts)
+    known = set(consumed)
+    consumed += [h for h in history if h and h not in known]
+    yield UserQuery(user_id, text, history, tuple(consumed))
+
+
+class QueriesFromDataset(beam.PTransform):
+    """dataset dir -> {"queries", T.DEAD, T.COUNTS} like BuildUserQueries (see the module doc).
+
+    consumed: fill each query's exclude_item_ids with the user's consumed set
+    (the events-* log when the dir has one, and the training targets)."""
+
+    def __init__(self, dataset_dir: str, consumed: bool = False):
         super().__init__()
         self._dir = dataset_dir
+        self._consumed = consumed
 
     def expand(self, pbegin):
         parsed = []
@@ -281,12 +341,15 @@ class QueriesFromDataset(beam.PTransform):
                 | f"Read[{split}]" >> beam.io.ReadFromTFRecord(FileSystems.join(self._dir, pattern))
                 | f"Parse[{split}]" >> beam.ParDo(ParseExample(split)).with_outputs(T.DEAD, T.COUNTS, main="rows")
             )
-        queries = (
-            [r.rows for r in parsed]
-            | "FlattenRows" >> beam.Flatten()
-            | "GroupByUser" >> beam.GroupByKey()
-            | "Newest" >> beam.Map(_newest_query)
-        )
+        rows = [r.rows for r in parsed] | "FlattenRows" >> beam.Flatten()
+        if self._consumed:
+            queries = (
+                {"rows": rows, "events": self._events(pbegin)}
+                | "GroupByUser" >> beam.CoGroupByKey()
+                | "Newest" >> beam.FlatMap(_newest_query_with_consumed)
+            )
+        else:
+            queries = rows | "GroupByUser" >> beam.GroupByKey() | "Newest" >> beam.Map(_newest_query)
         dead = [r[T.DEAD] for r in parsed] | "FlattenDead" >> beam.Flatten()
         counts = (
             [r[T.COUNTS] for r in parsed]
@@ -295,3 +358,12 @@ class QueriesFromDataset(beam.PTransform):
                queries | "UsersCold" >> beam.FlatMap(lambda q: [] if q.history_item_ids else [("users.cold", 1)])]
         ) | "FlattenCounts" >> beam.Flatten()
         return {"queries": queries, T.DEAD: dead, T.COUNTS: counts}
+
+    def _events(self, pbegin):
+        """(user_id, events) of the events-* log; nothing for a dir written before the log existed."""
+        pattern = FileSystems.join(self._dir, features.EVENTS_PATTERN)
+        if not FileSystems.match([pattern])[0].metadata_list:
+            return pbegin | "NoEvents" >> beam.Create([])
+        return (pbegin
+                | "Read[events]" >> beam.io.ReadFromTFRecord(pattern)
+                | "Parse[events]" >> beam.FlatMap(_parse_events))

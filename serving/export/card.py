@@ -13,9 +13,10 @@ import datetime
 import tensorflow as tf
 
 import trainer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tensorflow)
-from serving.export import graph_ops, quantize
+from serving.export import graph_ops, layout, quantize
 from serving.export import index as ix
 from trainer import contracts
+from trainer.data import examples as data_examples
 from trainer.model import run_dir as rd
 
 RECALL_K = 10
@@ -33,7 +34,12 @@ def export_info(summary, config, run) -> dict:
         "embedding_dim": summary.embedding_dim,
         "num_segments": summary.num_segments,
         "scann_recall_at_10": summary.recall_at_10,
-        "signatures": list(summary.signatures),
+        # Held-out (validation) queries the recall was measured on, and the disjoint ones ScaNN's
+        # search depth was tuned on (0 / 0 for brute force).
+        "scann_recall_queries": summary.recall_queries,
+        "scann_tuning_queries": summary.recall_tuning_queries,
+        layout.SIGNATURES_KEY: list(summary.signatures),
+        layout.REPEATS: summary.repeats,
         "text_input": summary.text_input,
         "tokenizer": summary.tokenizer,
         "encoder_precision": summary.encoder_precision,
@@ -49,7 +55,8 @@ def model_card(summary, config, run) -> str:
     metrics_path = rd.path(config.run_dir, rd.METRICS)
     final = rd.read_json(metrics_path).get("final", {}) if tf.io.gfile.exists(metrics_path) else {}
     recall = (
-        f"{summary.recall_at_10:.4f} on {summary.recall_queries} held-out (eval split) queries"
+        f"{summary.recall_at_10:.4f} on {summary.recall_queries} held-out (validation split) queries not used "
+        f"for tuning (the search depth was tuned on {summary.recall_tuning_queries} other held-out queries)"
         if summary.recall_at_10 is not None
         else "1.0 (exact search)"
     )
@@ -91,7 +98,13 @@ def model_card(summary, config, run) -> str:
         + (f", `{contracts.SERVING_TF_EXAMPLE}`" if contracts.SERVING_TF_EXAMPLE in summary.signatures else "")
         + f": k = {summary.default_k}, beta = {summary.default_beta}",
         f"- `{contracts.USER_EMBEDDING}`: embedding, segment_id, segment_probs",
+        f"- `{contracts.SERVING_EXCLUDE}`: as `{contracts.SERVING_DEFAULT}` plus exclude_item_ids [B, E] "
+        "(\"\" padded), never returned either",
         "- Items in history_item_ids are never returned.",
+        f"- Repeat rule of the training data: {summary.repeats} ("
+        + ("batch scoring removes each user's whole consumed set" if summary.repeats == data_examples.REPEATS_EXCLUDE
+           else "re-consumption is a legitimate recommendation; batch scoring removes only the history")
+        + ")",
         "",
         "## Training metrics (final eval)",
         "",
@@ -101,7 +114,9 @@ def model_card(summary, config, run) -> str:
 
 
 def format_summary(summary) -> str:
-    recall = "exact" if summary.recall_at_10 is None else f"{summary.recall_at_10:.4f} ({summary.recall_queries} queries)"
+    recall = ("exact" if summary.recall_at_10 is None else
+              f"{summary.recall_at_10:.4f} ({summary.recall_queries} held-out queries; depth tuned on "
+              f"{summary.recall_tuning_queries} others)")
     quality = summary.encoder_quality
     encoder = summary.encoder_precision + (
         f" (top-10 overlap with float32 {quality.overlap_at_10:.4f}, Recall@50 "

@@ -3,7 +3,7 @@
     <base_path>/segrec/<version>/
       saved_model.pb, variables/      ServingModule (serving/export/signatures.py)
       assets.extra/tf_serving_warmup_requests
-                                      PredictionLog records (serving_default)
+                                      PredictionLog records (serving_default, serving_exclude)
       segments.json                   the run's, or the --segments-file override
       model_card.md                   data, metrics, date, index, recall@10
 
@@ -14,8 +14,18 @@ warm-up request answered, and the answer must match the in-memory module.
 
 ScaNN exports are checked at export time: recall@10 of the index against
 brute force over the same item embeddings, on the segment-aware queries of
-held-out (eval split) users; below `min_recall` the export fails
-(`RecallTooLow`, the CLI exits non-zero) and nothing is published.
+held-out users (validation split; never the test split). The distinct
+held-out queries are split in two halves with the seed (`split_queries`):
+the search depth is tuned on one (`index.tune_leaves`), and the recall
+reported (model card, export.json, summary) and gated is measured on the
+other, so it is the recall of queries the tuning never saw. Below
+`min_recall` the export fails (`RecallTooLow`, the CLI exits non-zero) and
+nothing is published.
+
+export.json also records the repeat rule the model was trained with
+("repeats": exclude | allow, from the run's train_config.json, else the
+dataset's metadata.json): batch scoring removes a user's whole consumed set
+(serving_exclude) only under "exclude".
 
 Two more gates, each failing the export (exit 2) before anything is published:
   * `encoder_precision` float16 / int8 (serving/export/quantize.py): the
@@ -48,6 +58,7 @@ from serving.export import signatures as sig
 from serving.export.layout import join as _join
 from serving.export.layout import load_exported, model_dir, next_version  # noqa: F401  (load_exported: re-exported)
 from trainer import contracts, features
+from trainer.data import examples as data_examples
 from trainer.model import run_dir as rd
 from trainer.model import token_ids as tok
 from trainer.segments import document as segments_doc
@@ -117,6 +128,8 @@ class ExportSummary:
     encoder_precision: str = quantize.FLOAT32
     encoder_quality: Optional[quantize.QualityCheck] = None  # None for float32
     non_core_ops: list = dataclasses.field(default_factory=list)
+    recall_tuning_queries: int = 0  # held-out queries ScaNN's depth was tuned on (disjoint from recall_queries)
+    repeats: str = data_examples.DEFAULT_REPEATS  # the repeat rule of the training data (trainer.data.examples.REPEAT_RULES)
 
 
 # --- versions -------------------------------------------------------------------
@@ -155,17 +168,17 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
 
     _say(progress, f"building the {config.index} index over {len(embeddings):,} items")
     index = ix.build_index(config.index, embeddings, k_max=config.k_max)
-    recall, num_queries = None, 0
+    recall, num_queries, num_tuning = None, 0, 0
     if config.index == ix.SCANN:
         queries = heldout_queries(run, config.recall_queries, beta, config.seed)
-        num_queries = len(queries)
-        recall = ix.tune_leaves(index, queries, embeddings, config.min_recall, k=RECALL_K)
-        _say(progress, f"ScaNN recall@{RECALL_K} vs brute force: {recall:.4f} on {num_queries} held-out queries")
+        recall, num_tuning, num_queries = scann_recall(index, queries, embeddings, config.min_recall, config.seed)
+        _say(progress, f"ScaNN recall@{RECALL_K} vs brute force: {recall:.4f} on {num_queries} held-out queries "
+                       f"(search depth tuned on {num_tuning} others)")
         if recall < config.min_recall:
             raise RecallTooLow(
                 f"ScaNN recall@{RECALL_K} against brute force is {recall:.4f} on {num_queries} held-out "
-                f"queries, below --min-recall {config.min_recall}; export with --index brute_force "
-                "or lower --min-recall"
+                f"queries not used for tuning, below --min-recall {config.min_recall}; export with "
+                "--index brute_force or lower --min-recall"
             )
 
     module = sig.ServingModule(serving_model, index, k_max=config.k_max, default_k=config.default_k,
@@ -173,6 +186,9 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
     warmup = warmup_inputs(run, min(config.default_k, config.k_max), beta, config.text_input)
     expected = module.serving_default(warmup)
     sig.check_text_vector_path(module, warmup, expected)  # encode_text + serving_text_vector == serving_default
+    # serving_exclude's warm-up: the same users, each without serving_default's best item.
+    warmup_exclude = {**warmup, features.EXCLUDE_ITEM_IDS: expected[features.OUT_ITEM_IDS][:, :1]}
+    expected_exclude = module.serving_exclude(warmup_exclude)
 
     tmp_dir = _join(model_dir(config.base_path), f".tmp-{version}-{os.getpid()}")
     if tf.io.gfile.exists(tmp_dir):
@@ -181,7 +197,8 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
     try:
         summary = _write_version(tmp_dir, final_dir, version, config, run, module, warmup, expected, progress,
                                  quality=quality, index=index, recall=recall, num_queries=num_queries,
-                                 embeddings=embeddings, beta=beta, segments=segments)
+                                 embeddings=embeddings, beta=beta, segments=segments,
+                                 exclude=(warmup_exclude, expected_exclude), num_tuning=num_tuning)
     except BaseException:
         tf.io.gfile.rmtree(tmp_dir)  # a failed export leaves nothing behind
         raise
@@ -194,7 +211,7 @@ def export(config: ExportConfig, progress: bool = False) -> ExportSummary:
 
 
 def _write_version(tmp_dir, final_dir, version, config, run, module, warmup, expected, progress, *, quality, index,
-                   recall, num_queries, embeddings, beta, segments) -> ExportSummary:
+                   recall, num_queries, embeddings, beta, segments, exclude=None, num_tuning=0) -> ExportSummary:
     """Saves, reloads, checks and documents the version in `tmp_dir` (not yet published)."""
     tf.saved_model.save(
         module,
@@ -202,11 +219,16 @@ def _write_version(tmp_dir, final_dir, version, config, run, module, warmup, exp
         signatures=module.signatures(),
         options=tf.saved_model.SaveOptions(namespace_whitelist=ix.SAVE_NAMESPACES),
     )
-    write_warmup(_join(tmp_dir, contracts.WARMUP_FILE), [warmup])
+    requests = [warmup] + ([(contracts.SERVING_EXCLUDE, exclude[0])] if exclude is not None else [])
+    write_warmup(_join(tmp_dir, contracts.WARMUP_FILE), requests)
     encoder = run.model.text_encoder
     if config.text_input == sig.TOKEN_IDS:
         tok.write_vocabulary(encoder, tmp_dir)
-    verify(tmp_dir, warmup, expected)
+    reloaded = load_exported(tmp_dir)
+    verify(tmp_dir, warmup, expected, loaded=reloaded)
+    if exclude is not None:
+        verify(tmp_dir, exclude[0], exclude[1], contracts.SERVING_EXCLUDE, loaded=reloaded)
+    del reloaded
     ops = graph_ops.non_core_ops(tmp_dir)
     _say(progress, f"non-core ops: {', '.join(ops) or 'none'}; checking them for --target {config.target}")
     graph_ops.check(ops, config.target)
@@ -232,6 +254,8 @@ def _write_version(tmp_dir, final_dir, version, config, run, module, warmup, exp
         encoder_precision=config.encoder_precision,
         encoder_quality=quality,
         non_core_ops=ops,
+        recall_tuning_queries=num_tuning,
+        repeats=repeat_rule(run),
     )
     _write_text(_join(tmp_dir, contracts.MODEL_CARD), card.model_card(summary, config, run))
     layout.write_export_info(tmp_dir, card.export_info(summary, config, run))
@@ -271,6 +295,44 @@ def apply_centroids(model, segments: dict, source: str) -> None:
             "refresh segments from this run's model"
         )
     model.segment_head.centroids_var.assign(centroids)
+
+
+def repeat_rule(run) -> str:
+    """The repeat rule the run was trained with: its train_config.json's "repeats", else
+    its dataset's metadata.json (trainer.data.arrays.repeat_rule), else the default."""
+    from trainer.data import arrays as da
+
+    rule = run.train_config.get("repeats")
+    if rule in data_examples.REPEAT_RULES:
+        return rule
+    try:
+        return da.repeat_rule(run.dataset_dir)
+    except Exception:  # noqa: BLE001  (a moved or unreadable dataset dir: the default rule)
+        return data_examples.DEFAULT_REPEATS
+
+
+def split_queries(queries: np.ndarray, seed: int = 0) -> tuple:
+    """Held-out queries [Q, d] -> (tuning [T, d], measuring [M, d]): the distinct
+    queries, shuffled with `seed`, in two halves (the tuning half gets the odd one).
+    A query is in at most one half; with fewer than 2 distinct queries there is
+    nothing to tune on (tuning is empty, measuring holds the query)."""
+    distinct = np.unique(np.asarray(queries, np.float32), axis=0)
+    if len(distinct) < 2:
+        return distinct[:0], distinct
+    order = np.random.default_rng([seed, 1]).permutation(len(distinct))
+    half = (len(distinct) + 1) // 2
+    return distinct[np.sort(order[:half])], distinct[np.sort(order[half:])]
+
+
+def scann_recall(index, queries: np.ndarray, embeddings: np.ndarray, min_recall: float, seed: int = 0) -> tuple:
+    """Tunes the index's search depth on one half of the held-out queries and
+    measures recall@RECALL_K against brute force on the other (split_queries);
+    returns (recall, tuning queries, measured queries)."""
+    tuning, measuring = split_queries(queries, seed)
+    if len(tuning):
+        ix.tune_leaves(index, tuning, embeddings, min_recall, k=RECALL_K)
+    recall = ix.recall_at_k(index, measuring, embeddings, k=RECALL_K)
+    return recall, len(tuning), len(measuring)
 
 
 def _model_batch(run, split, rows) -> dict:
@@ -339,14 +401,16 @@ def warmup_inputs(run, k: int, beta: float, text_input: str = sig.TEXT, users: i
 
 
 def write_warmup(file_path: str, requests: list) -> None:
-    """TFRecord of PredictionLog(PredictRequest) records for serving_default."""
+    """TFRecord of PredictionLog(PredictRequest) records: each request is serving_default's
+    inputs, or (signature name, its inputs)."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     tf.io.gfile.makedirs(os.path.dirname(file_path))
     with tf.io.TFRecordWriter(file_path) as writer:
-        for inputs in requests:
+        for entry in requests:
+            signature, inputs = entry if isinstance(entry, tuple) else (contracts.SERVING_DEFAULT, entry)
             request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=contracts.MODEL_NAME, signature_name=contracts.SERVING_DEFAULT)
+                model_spec=model_pb2.ModelSpec(name=contracts.MODEL_NAME, signature_name=signature)
             )
             for key, value in inputs.items():
                 request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
@@ -354,9 +418,10 @@ def write_warmup(file_path: str, requests: list) -> None:
             writer.write(log.SerializeToString())
 
 
-def verify(version_dir: str, inputs: dict, expected: dict) -> None:
-    """Reloads the export and checks it answers `inputs` as the module did."""
-    got = load_exported(version_dir).signatures[contracts.SERVING_DEFAULT](**inputs)
+def verify(version_dir: str, inputs: dict, expected: dict, signature: str = contracts.SERVING_DEFAULT,
+           loaded=None) -> None:
+    """Reloads the export (or takes it `loaded`) and checks its `signature` answers `inputs` as the module did."""
+    got = (loaded or load_exported(version_dir)).signatures[signature](**inputs)
     for key in (features.OUT_ITEM_IDS, features.SEGMENT_ID):
         if not np.array_equal(got[key].numpy(), expected[key].numpy()):
             raise RuntimeError(f"the reloaded export's {key} differ from the in-memory model's")

@@ -3,7 +3,9 @@
     <base>/segrec/<version>/
         saved_model.pb, variables/       the SavedModel (signatures: trainer/contracts.py)
         assets.extra/tf_serving_warmup_requests
-        export.json                      the export's defaults, machine-readable (this module)
+        export.json                      the export's defaults, machine-readable (this module;
+                                         its "repeats" field: the repeat rule the model was trained
+                                         with, see repeat_rule)
         segments.json                    the segments served (trainer/segments/document.py)
         model_card.md                    for people; never parsed back
 
@@ -20,6 +22,11 @@ import os
 from typing import Optional
 
 from trainer.contracts import EXPORT_INFO, MODEL_NAME, SAVED_MODEL
+from trainer.data import examples as ex
+
+# export.json keys read back by other modules (card.export_info writes them).
+REPEATS = "repeats"  # the repeat rule of the training data: ex.REPEATS_EXCLUDE | ex.REPEATS_ALLOW
+SIGNATURES_KEY = "signatures"  # the SavedModel's signature names
 
 
 class NoExportError(ValueError):
@@ -106,6 +113,30 @@ def read_export_info(path: str) -> dict:
             return json.load(f)
         except ValueError as e:
             raise ValueError(f"{file_path}: not JSON ({e})") from e
+
+
+def repeat_rule(info: dict) -> Optional[str]:
+    """The repeat rule an export was trained with ("exclude" | "allow"), from its
+    export.json (read_export_info); None for an export written before it was recorded."""
+    rule = info.get(REPEATS)
+    if rule is None:
+        return None
+    if rule not in ex.REPEAT_RULES:
+        raise ValueError(f"export.json names repeat rule {rule!r}; expected one of {ex.REPEAT_RULES}")
+    return rule
+
+
+def has_signature(path: str, info: dict, name: str) -> bool:
+    """Whether the export at `path` has signature `name`: export.json's list, else the
+    saved graph's signature_defs (read without loading the model)."""
+    if SIGNATURES_KEY in info:
+        return name in info[SIGNATURES_KEY]
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with _gfile().GFile(join(path, SAVED_MODEL), "rb") as f:
+        saved.ParseFromString(f.read())
+    return any(name in graph.signature_def for graph in saved.meta_graphs)
 
 
 def register_custom_ops() -> None:

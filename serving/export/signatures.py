@@ -13,6 +13,12 @@ Signatures (names from trainer.features):
                        history_item_ids) -> as recommend_defaults
   user_embedding       user_text, history_item_ids -> embedding [B, d],
                        segment_id [B], segment_probs [B, K]
+  serving_exclude      serving_default's inputs + exclude_item_ids [B, E] string
+                       ("" padded; E >= 0) -> as serving_default, with every
+                       item in the row's history OR its exclude_item_ids
+                       removed (a user's whole consumed set, which can be far
+                       longer than the <= 50 history items the model reads;
+                       the exclusions do not change the query)
 
 (plus user_id [B] string on every signature when the model hashes user ids.)
 
@@ -22,8 +28,9 @@ encode each distinct user_text once:
 
   encode_text          user_text [B] -> user_text_vector [B, D] float32, the
                        pooled encoder output (SegRecModel.text_vectors)
-  serving_text_vector  user_text_vector [B, D], history_item_ids, k, beta
-                       -> as serving_default
+  serving_text_vector  user_text_vector [B, D], history_item_ids, k, beta,
+                       exclude_item_ids [B, E] -> as serving_exclude (E = 0:
+                       as serving_default)
 
 serving_text_vector(encode_text(t)) answers as serving_default(t); the export
 checks it on its warm-up users (`check_text_vector_path`).
@@ -52,7 +59,8 @@ not user_text's.
 Retrieval, row by row: q_i = normalise(u_i + beta_i * c_seg_i) (cold users:
 their centroid), exactly as SegRecModel computes it; the index returns
 min(max(k) + H, N) candidates, items in the row's history are dropped, the
-best are kept. Row i holds its best k_i items in columns 0..k_i-1; the
+best are kept (serving_exclude: min(max(k) + H + E, N) candidates, items in
+the row's history or exclude_item_ids dropped). Row i holds its best k_i items in columns 0..k_i-1; the
 columns after k_i, and slots that cannot be filled (k_i greater than the
 catalog minus the history), hold item id "" and score -inf.
 """
@@ -69,6 +77,7 @@ from trainer import features
 from trainer.contracts import (  # noqa: F401  (the signature names live in trainer/contracts.py)
     RECOMMEND_DEFAULTS,
     SERVING_DEFAULT,
+    SERVING_EXCLUDE,
     SERVING_TF_EXAMPLE,
     SIGNATURES,
     TEXT_VECTOR_SIGNATURES,
@@ -102,6 +111,11 @@ def text_vector_specs(with_user_id: bool, text_dim: int) -> dict:
     del specs[features.USER_TEXT]
     return {features.USER_TEXT_VECTOR: tf.TensorSpec([None, text_dim], tf.float32, name=features.USER_TEXT_VECTOR),
             **specs}
+
+
+def exclude_specs() -> dict:
+    """serving_exclude's extra input: the items a row must never get back."""
+    return {features.EXCLUDE_ITEM_IDS: tf.TensorSpec([None, None], tf.string, name=features.EXCLUDE_ITEM_IDS)}
 
 
 def knob_specs() -> dict:
@@ -156,6 +170,8 @@ class ServingModule(tf.Module):
                 input_signature=[tf.TensorSpec([None], tf.string, name=features.EXAMPLES)],
             )
         self.user_embedding = tf.function(self._user_embedding, input_signature=[users])
+        self.serving_exclude = tf.function(self._serving_exclude,
+                                           input_signature=[{**users, **knob_specs(), **exclude_specs()}])
         if text_input == TEXT:
             self._add_text_vector_signatures()
 
@@ -170,7 +186,7 @@ class ServingModule(tf.Module):
         self.encode_text = tf.function(self._encode_text, input_signature=[text])
         vectors = text_vector_specs(self.with_user_id, self.model.text_input_dim)
         self.serving_text_vector = tf.function(self._serving_text_vector,
-                                               input_signature=[{**vectors, **knob_specs()}])
+                                               input_signature=[{**vectors, **knob_specs(), **exclude_specs()}])
 
     def text_vector_signatures(self) -> dict:
         """encode_text and serving_text_vector (text exports; none for token-id exports)."""
@@ -182,8 +198,11 @@ class ServingModule(tf.Module):
                 + ((features.USER_ID,) if self.with_user_id else ()))
         return {key: inputs[key] for key in keys}
 
-    def recommend(self, inputs: dict, k, beta, user_keys: tuple = ()) -> dict:
+    def recommend(self, inputs: dict, k, beta, exclude=None, user_keys: tuple = ()) -> dict:
         """User inputs, k and beta ([B] each, or scalars for every row) -> RECOMMEND_OUTPUTS.
+
+        exclude: None, or item ids [B, E] ("" padded) removed from the row's
+        results besides its history (serving_exclude).
         user_keys: the inputs that stand for the user's text (default: the export's own)."""
         user_keys = user_keys or self.user_keys
         batch = self._batch(inputs, user_keys)
@@ -202,13 +221,18 @@ class ServingModule(tf.Module):
         out = self.model(batch, training=False, beta=beta[:, None])
         history = self.model.item_tower.rows(batch[features.HISTORY_ITEM_IDS])  # [B, H], 0 = pad/unknown
         cols = tf.maximum(tf.reduce_max(k), 1)  # max(k); 1 for an empty batch (no rows to fill)
+        if exclude is not None:
+            history = self._blocked_rows(history, exclude, rows)
         n = tf.minimum(cols + tf.shape(history)[1], self.num_items)
         scores, idx = self.index.search(out[features.QUERY], n)
         # Candidate row = catalog index + 1 (row 0 is the pad/unknown item).
         candidates = idx + 1
-        seen = tf.reduce_any(
-            tf.logical_and(candidates[:, :, None] == history[:, None, :], history[:, None, :] > 0), axis=-1
-        )
+        if exclude is None:
+            seen = tf.reduce_any(
+                tf.logical_and(candidates[:, :, None] == history[:, None, :], history[:, None, :] > 0), axis=-1
+            )
+        else:
+            seen = self._member(candidates, history)
         invalid = tf.logical_or(seen, idx < 0)  # ScaNN marks missing neighbours with -1
         neg_inf = tf.fill(tf.shape(scores), tf.constant(-np.inf, tf.float32))
         scores = tf.where(invalid, neg_inf, scores)
@@ -228,6 +252,31 @@ class ServingModule(tf.Module):
             features.SEGMENT_PROBS: out[features.SEGMENT_PROBS],
         }
 
+    def _blocked_rows(self, history: tf.Tensor, exclude, rows) -> tf.Tensor:
+        """History rows [B, H] + the rows of exclude_item_ids [B, E] -> [B, H + E] (0 = pad/unknown)."""
+        exclude = tf.convert_to_tensor(exclude, tf.string)
+        check = tf.debugging.assert_equal(
+            tf.shape(exclude)[0], rows,
+            message=f"inputs.{features.EXCLUDE_ITEM_IDS}: needs one row per row of {self.user_keys[0]} (shape [B, E])",
+        )
+        with tf.control_dependencies([check]):
+            excluded = self.model.item_tower.rows(exclude)
+        return tf.concat([history, excluded], axis=1)
+
+    @staticmethod
+    def _member(candidates: tf.Tensor, blocked: tf.Tensor) -> tf.Tensor:
+        """candidates [B, n] in blocked [B, M] (row by row) -> [B, n] bool; row 0 (pad/unknown) never blocks.
+
+        Sorted search, O(B n log M): a consumed set of thousands of items
+        would make the pairwise [B, n, M] comparison of the history too big.
+        Candidates are rows >= 1 (ScaNN's missing -1 becomes 0, invalid anyway).
+        """
+        # One extra 0 column so that M >= 1 even for an empty exclusion list and a history of width 0.
+        blocked = tf.sort(tf.pad(blocked, [[0, 0], [1, 0]]), axis=1)
+        pos = tf.searchsorted(blocked, candidates, side="left")
+        found = tf.gather(blocked, tf.minimum(pos, tf.shape(blocked)[1] - 1), batch_dims=1)
+        return tf.logical_and(tf.equal(found, candidates), candidates > 0)
+
     @staticmethod
     def _per_row(value: tf.Tensor, rows, name: str, of: str) -> tf.Tensor:
         """A scalar knob -> [B] (the defaults); a [B] knob is checked to have one value per row."""
@@ -243,6 +292,10 @@ class ServingModule(tf.Module):
     # --- signature bodies ------------------------------------------------------------
     def _serving_default(self, inputs):
         return self.recommend(inputs, inputs[features.K], inputs[features.BETA])
+
+    def _serving_exclude(self, inputs):
+        return self.recommend(inputs, inputs[features.K], inputs[features.BETA],
+                              exclude=inputs[features.EXCLUDE_ITEM_IDS])
 
     def _recommend_defaults(self, inputs):
         return self.recommend(inputs, self.default_k, self.default_beta)
@@ -272,7 +325,7 @@ class ServingModule(tf.Module):
     def _serving_text_vector(self, inputs):
         with _reading_text_vectors(self.model):
             return self.recommend(inputs, inputs[features.K], inputs[features.BETA],
-                                  user_keys=(features.USER_TEXT_VECTOR,))
+                                  exclude=inputs[features.EXCLUDE_ITEM_IDS], user_keys=(features.USER_TEXT_VECTOR,))
 
 
 @contextlib.contextmanager
@@ -300,7 +353,9 @@ def check_text_vector_path(module: ServingModule, inputs: dict, expected: dict, 
         return
     vectors = module.encode_text({features.USER_TEXT: inputs[features.USER_TEXT]})[features.USER_TEXT_VECTOR]
     split = {name: value for name, value in inputs.items() if name != features.USER_TEXT}
-    got = module.serving_text_vector({**split, features.USER_TEXT_VECTOR: vectors})
+    rows = tf.shape(vectors)[0]
+    got = module.serving_text_vector({**split, features.USER_TEXT_VECTOR: vectors,
+                                      features.EXCLUDE_ITEM_IDS: tf.fill([rows, 0], features.PAD_ITEM_ID)})
     for key in (features.OUT_ITEM_IDS, features.SEGMENT_ID):
         if not np.array_equal(got[key].numpy(), expected[key].numpy()):
             raise RuntimeError(f"serving_text_vector(encode_text(...)) answers {key} unlike serving_default")

@@ -16,9 +16,9 @@ free thread while the model is busy, and none is needed when it is idle).
 Requests share a call when they are for the same loaded version and
 signature (and, for exports whose k / beta are scalars, the same knobs).
 Their inputs are concatenated along the batch axis, k and beta included
-(one value per row); history_item_ids of different widths are right-padded
-with "" (the pad id the model masks), so a merged row scores as it would
-alone. The outputs are split back by rows, and item_ids / scores of each
+(one value per row); history_item_ids (and serving_exclude's
+exclude_item_ids) of different widths are right-padded with "" (the pad id
+the model masks), so a merged row scores as it would alone. The outputs are split back by rows, and item_ids / scores of each
 request are cut to its own max(k) columns, so a request's answer does not
 depend on what it was batched with.
 
@@ -46,6 +46,8 @@ _LOG = logging.getLogger("segrec.serve")
 
 # Outputs with one column per result; cut to the request's own max(k) after a merged call.
 _K_COLUMNS = (features.OUT_ITEM_IDS, features.OUT_SCORES)
+# [B, width] item-id inputs padded with "" (the model ignores the pad): requests of different widths merge.
+_PADDED_IDS = (features.HISTORY_ITEM_IDS, features.EXCLUDE_ITEM_IDS)
 
 
 class QueueFull(RuntimeError):
@@ -69,8 +71,8 @@ class Task:
 
 def _task_key(loaded, signature: str, inputs: dict) -> tuple:
     scalars = tuple(sorted((k, v.item()) for k, v in inputs.items() if v.ndim == 0))
-    # Only rank-1 inputs and the history matrix can be merged; anything else runs alone.
-    mergeable = all(v.ndim <= 1 or k == features.HISTORY_ITEM_IDS for k, v in inputs.items())
+    # Only rank-1 inputs and the ""-padded id matrices can be merged; anything else runs alone.
+    mergeable = all(v.ndim <= 1 or k in _PADDED_IDS for k, v in inputs.items())
     return (id(loaded), signature, scalars, mergeable or object())
 
 

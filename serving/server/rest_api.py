@@ -13,7 +13,9 @@ answer alike. serving_default's k and beta are inputs like the others, one
 value per row: columnar `"inputs": {"user_text": [...], ..., "k": [10, 5],
 "beta": [0.5, 0.0]}`, or per instance in the row format `"instances":
 [{"user_text": "...", "history_item_ids": [...], "k": 10, "beta": 0.5}, ...]`
-(instances' histories of different lengths are right-padded with "").
+(instances' histories of different lengths are right-padded with ""; so are
+serving_exclude's exclude_item_ids, e.g. `"signature_name": "serving_exclude",
+"instances": [{..., "exclude_item_ids": ["i1", "i7"]}]`).
 Errors are {"error": "..."} with an HTTP status for the code (any other path
 or method: 404). With a token, every request needs `Authorization: Bearer <token>`.
 
@@ -197,6 +199,9 @@ def predict_json(predictor, spec, body: bytes) -> dict:
     return {"outputs": out}
 
 
+_PADDED_IDS = (features.HISTORY_ITEM_IDS, features.EXCLUDE_ITEM_IDS)  # per-instance id lists, padded with ""
+
+
 def _columns(instances, specs) -> dict:
     if not isinstance(instances, list) or not instances or not all(isinstance(r, dict) for r in instances):
         raise ServeError("INVALID_ARGUMENT", "instances: must be a non-empty list of objects")
@@ -207,7 +212,7 @@ def _columns(instances, specs) -> dict:
             if len({json.dumps(v) for v in values}) != 1:
                 raise ServeError("INVALID_ARGUMENT", f"instances.{name}: must be the same in every instance")
             cols[name] = values[0]
-        elif name == features.HISTORY_ITEM_IDS and all(isinstance(v, list) for v in values):
+        elif name in _PADDED_IDS and all(isinstance(v, list) for v in values):
             width = max([len(v) for v in values] + [1])
             cols[name] = [v + [features.PAD_ITEM_ID] * (width - len(v)) for v in values]
         else:

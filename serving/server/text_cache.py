@@ -4,8 +4,9 @@ The pretrained encoder's pass over user_text dominates a recommendation, and a
 user's text rarely changes between requests. A text export splits
 serving_default in two (serving/export/signatures.py): encode_text (user_text
 -> user_text_vector [B, D]) and serving_text_vector (user_text_vector,
-history_item_ids, k, beta -> serving_default's outputs). `recommend` answers
-a serving_default or recommend_defaults call through them: each row's text
+history_item_ids, k, beta, exclude_item_ids [B, E] -> serving_default's
+outputs). `recommend` answers a serving_default, recommend_defaults or
+serving_exclude call through them: each row's text
 is looked up in a `TextVectorCache`, only the distinct misses are encoded
 (one encode_text call), then serving_text_vector runs on the vectors. The
 answer is serving_default's: a row's vector is the encoder's own for its
@@ -40,10 +41,10 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from trainer import features
-from trainer.contracts import ENCODE_TEXT, RECOMMEND_DEFAULTS, SERVING_DEFAULT, SERVING_TEXT_VECTOR
+from trainer.contracts import ENCODE_TEXT, RECOMMEND_DEFAULTS, SERVING_DEFAULT, SERVING_EXCLUDE, SERVING_TEXT_VECTOR
 
 DEFAULT_SIZE = 100_000  # entries; MiniLM's 384 floats make one ~1.6 KB with its key
-CACHED_SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS)  # what `recommend` can answer
+CACHED_SIGNATURES = (SERVING_DEFAULT, RECOMMEND_DEFAULTS, SERVING_EXCLUDE)  # what `recommend` can answer
 _ASCII_SPACE = b" \t\n\r\f\v"
 
 
@@ -172,6 +173,8 @@ def recommend(call: Callable, cache: TextVectorCache, signature: str, inputs: di
     vectors, hits, misses = cache.vectors(texts, encode)
     split = {name: value for name, value in inputs.items() if name != features.USER_TEXT}
     split[features.USER_TEXT_VECTOR] = vectors
+    if features.EXCLUDE_ITEM_IDS not in split:  # serving_default / recommend_defaults: nothing beyond the history
+        split[features.EXCLUDE_ITEM_IDS] = np.zeros([rows, 0], object)
     if signature == RECOMMEND_DEFAULTS:
         split[features.K] = np.full([rows], default_k, np.int32)
         split[features.BETA] = np.full([rows], default_beta, np.float32)

@@ -36,10 +36,12 @@ class RequestError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """max_batch: rows of one request; max_history: columns of history_item_ids;
+    max_exclude: columns of exclude_item_ids (serving_exclude);
     max_string_bytes: one string element; max_elements: elements of one tensor."""
 
     max_batch: int = 64
     max_history: int = 1000
+    max_exclude: int = 100_000
     max_string_bytes: int = 10 * 1024 * 1024
     max_elements: int = 1_000_000
 
@@ -145,6 +147,11 @@ def _check_values(arrays: dict, loaded, limits: Limits) -> None:
                       f"{limits.max_history}")
         if hist.shape[1] == 0:
             raise bad(f"inputs.{features.HISTORY_ITEM_IDS}: no columns; pad a cold user's history with \"\"")
+    exclude = arrays.get(features.EXCLUDE_ITEM_IDS)
+    if exclude is not None and exclude.shape[1] > limits.max_exclude:
+        # Rank, dtype and the batch dimension are checked above like every input's; E = 0 is allowed.
+        raise bad(f"inputs.{features.EXCLUDE_ITEM_IDS}: {exclude.shape[1]} columns, more than the limit "
+                  f"{limits.max_exclude}")
     vectors = arrays.get(features.USER_TEXT_VECTOR)
     if vectors is not None and not np.isfinite(vectors).all():
         raise bad(f"inputs.{features.USER_TEXT_VECTOR}: must be finite (what encode_text returns)")
