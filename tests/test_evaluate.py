@@ -95,7 +95,8 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluation(trained_run):
     run, _, truth = trained_run
-    config = evaluate.EvaluateConfig(run_dir=run, ks=KS, baseline_params=TINY_BASELINES, truth_path=truth,
+    config = evaluate.EvaluateConfig(run_dir=run, ks=KS, baselines=ALL_MODELS[1:], baseline_params=TINY_BASELINES,
+                                     truth_path=truth,
                                      baseline_grids=(("ease", TINY_EASE_GRID),), compare_run_dir=run, batch_size=8)
     return config, evaluate.run_evaluation(config, progress=False)
 
@@ -307,3 +308,36 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="not among baselines"):
         evaluate.EvaluateConfig(run_dir="r", baselines=("ease",), baseline_params=(("id_two_tower", {}),))
     assert dataclasses.replace(evaluate.EvaluateConfig(run_dir="r"), ks=(5,)).ks == (5,)
+
+
+def test_cold_start_compares_segrec_popularity_and_popular_in_segment(evaluation):
+    from trainer.evaluation import cold_start
+
+    config, ev = evaluation
+    table = ev.results["cold_start"]
+    assert set(table) == {cold_start.NEW_USERS, cold_start.SPARSE_USERS.format(n=config.cold_max_history),
+                          cold_start.SPARSE_USERS.format(n=evaluate.SPARSE_HISTORY)}
+    for scenario in table.values():
+        assert set(scenario) == set(cold_start.RANKERS)
+        for summary in scenario.values():
+            assert summary["count"] == 32 and 0.0 <= summary["recall@3"] <= summary["recall@10"] <= 1.0
+    # With one shared ranking for every user, popularity's new-user and sparse-user lists differ only by
+    # the two excluded items: recall can only go up when they are removed.
+    sparse = table[cold_start.SPARSE_USERS.format(n=config.cold_max_history)]
+    assert sparse["popularity"]["recall@10"] >= table[cold_start.NEW_USERS]["popularity"]["recall@10"]
+    md = open(os.path.join(config.run_dir, "evaluation", report.REPORT_MD)).read()
+    assert "## Cold start" in md and "popular_in_segment" in md
+    assert "cold start, new users" in evaluate.format_summary(ev.results)
+
+
+def test_segment_popularity_counts_each_segments_users():
+    import numpy as np
+
+    from trainer.evaluation import cold_start
+
+    users = np.array(["a", "a", "b", "c", "c", "c"])
+    items = np.array([0, 1, 1, 2, 2, 1])
+    counts = cold_start.segment_popularity(users, items, {"a": 0, "b": 1, "c": 1}, 2, 3)
+    np.testing.assert_allclose(np.round(counts), [[1, 1, 0], [0, 2, 2]])
+    # Equal counts within a segment are ordered by overall popularity (item 1: 3 events, item 0: 1).
+    assert counts[0, 1] > counts[0, 0] and counts[1, 1] > counts[1, 2]

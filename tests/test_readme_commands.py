@@ -14,7 +14,8 @@ What the test changes, and only this (each rule below is a function):
     BigQuery, --download) are parsed by the real argument parser (so every
     flag they show must exist) and their `--help` runs; they are not executed.
   * Heavy settings get tiny ones appended (argparse: the last flag wins):
-    training uses the tiny BERT and one epoch; ScaNN tuning uses few queries.
+    training uses the tiny BERT and one epoch; ScaNN tuning uses few queries;
+    SASRec in `segrec evaluate` trains at most 5 epochs.
   * Fixed ports are replaced by free ones; /data/ml-100k by the shared
     MovieLens 100K copy; `segrec serve` and `segrec frontend` run in the
     background and are stopped by SIGTERM after the commands that use them.
@@ -53,6 +54,7 @@ TINY = {
     "train": ["--encoder", "tiny", "--embedding-dim", "16", "--epochs", "1", "--warmup-epochs", "1",
               "--batch-size", "64", "--seed", "1"],
     "export": ["--recall-queries", "16"],
+    "evaluate": ["--sasrec-max-epochs", "5"],
 }
 CLOUD = re.compile(r"gs://|DataflowRunner|--download|--bigquery-table|^vertex\b")
 SERVERS = ("serve", "frontend")

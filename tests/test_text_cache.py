@@ -156,7 +156,7 @@ def test_split_signatures_answer_as_serving_default(export_dir, loaded):
     split_in = sigs[contracts.SERVING_TEXT_VECTOR].structured_input_signature[1]
     assert {k: (v.dtype, v.shape.as_list()) for k, v in split_in.items()} == {
         F.USER_TEXT_VECTOR: (tf.float32, [None, dim]), F.HISTORY_ITEM_IDS: (tf.string, [None, None]),
-        F.K: (tf.int32, [None]), F.BETA: (tf.float32, [None])}
+        F.K: (tf.int32, [None]), F.BETA: (tf.float32, [None]), F.EXCLUDE_ITEM_IDS: (tf.string, [None, None])}
     assert set(sigs[contracts.SERVING_TEXT_VECTOR].structured_outputs) == set(sigs["serving_default"].structured_outputs)
 
     batch = users(item_ids(export_dir), n=6)
@@ -174,7 +174,8 @@ def test_split_signatures_answer_as_serving_default(export_dir, loaded):
     got = sigs[contracts.SERVING_TEXT_VECTOR](
         user_text_vector=tf.constant(vectors),
         history_item_ids=tf.constant([h + [""] * (width - len(h)) for _, h in batch]),
-        k=tf.constant(k, tf.int32), beta=tf.constant(beta, tf.float32))
+        k=tf.constant(k, tf.int32), beta=tf.constant(beta, tf.float32),
+        exclude_item_ids=tf.fill([len(batch), 0], ""))
     _same({n: v.numpy() for n, v in got.items()}, want)
 
 
@@ -291,6 +292,31 @@ def test_server_answers_through_the_cache_as_without_it(server, stub, export_dir
     _same(got, {n: v.numpy() for n, v in plain.items()})
 
 
+def test_server_answers_serving_exclude_through_the_cache_as_without_it(server, stub, export_dir, loaded):
+    import tensorflow as tf
+
+    batch = users(item_ids(export_dir), n=3)
+    width = max(1, max(len(h) for _, h in batch))
+    history = [h + [""] * (width - len(h)) for _, h in batch]
+    exclude = np.array([[i, ""] for i in item_ids(export_dir)[:3]], dtype=object)
+    plain = loaded.signatures[contracts.SERVING_EXCLUDE](
+        user_text=tf.constant([t for t, _ in batch]), history_item_ids=tf.constant(history),
+        k=tf.constant([K] * 3, tf.int32), beta=tf.constant([BETA] * 3, tf.float32),
+        exclude_item_ids=tf.constant(exclude.astype(str)))
+    req = request(batch, K, BETA)
+    req.model_spec.signature_name = contracts.SERVING_EXCLUDE
+    req.inputs[F.EXCLUDE_ITEM_IDS].CopyFrom(tf.make_tensor_proto(exclude.astype(str)))
+    version = server.manager.resolve()
+    hits = version.text_cache.hits
+    first = _outputs(stub.Predict(req, timeout=30))
+    _same(first, {n: v.numpy() for n, v in plain.items()})
+    again = _outputs(stub.Predict(req, timeout=30))
+    _same(again, first, atol=0)
+    assert version.text_cache.hits >= hits + 3  # the second call read every row's vector from the cache
+    for row, item in enumerate(exclude[:, 0]):
+        assert item.encode() not in first[F.OUT_ITEM_IDS][row].tolist()
+
+
 def test_server_refuses_bad_requests_and_keeps_serving(server, stub, export_dir):
     import grpc
     import tensorflow as tf
@@ -308,6 +334,7 @@ def test_server_refuses_bad_requests_and_keeps_serving(server, stub, export_dir)
         req.model_spec.signature_name = contracts.SERVING_TEXT_VECTOR
         del req.inputs[F.USER_TEXT]
         req.inputs[F.USER_TEXT_VECTOR].CopyFrom(tf.make_tensor_proto(vectors))
+        req.inputs[F.EXCLUDE_ITEM_IDS].CopyFrom(tf.make_tensor_proto(np.zeros((2, 0), object), dtype=tf.string))
         cases.append((req, field))
     for req, field in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -321,6 +348,7 @@ def test_server_refuses_bad_requests_and_keeps_serving(server, stub, export_dir)
     split.model_spec.signature_name = contracts.SERVING_TEXT_VECTOR
     del split.inputs[F.USER_TEXT]
     split.inputs[F.USER_TEXT_VECTOR].CopyFrom(tf.make_tensor_proto(vectors))
+    split.inputs[F.EXCLUDE_ITEM_IDS].CopyFrom(tf.make_tensor_proto(np.zeros((2, 0), object), dtype=tf.string))
     want = direct_call(export_dir, batch, K, BETA)
     _same(_outputs(stub.Predict(split, timeout=30)), want)
     _same(_outputs(stub.Predict(request(batch, K, BETA), timeout=30)), want)

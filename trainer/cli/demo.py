@@ -28,7 +28,7 @@ class DemoConfig:
     epochs: int = 8
     segments: object = 6
     max_examples_per_user: int = 8  # bounds the distinct texts MiniLM must encode on a CPU
-    baselines: tuple = ("popularity", "ease", "id_two_tower")
+    baselines: tuple = ("popularity", "ease", "id_two_tower", "sasrec")
     index: str = "scann"  # scann | brute_force
     beam_args: tuple = ()
 

@@ -62,6 +62,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--segment-temperature", type=float, default=0.1)
     m.add_argument("--retrieval-temperature", type=float, default=0.05)
     m.add_argument("--user-id-buckets", type=int, default=0, help="hashed user-id embedding buckets (0: off)")
+    m.add_argument("--history-encoder", choices=("transformer", "mean"), default="transformer",
+                   help="how the user tower reads the history: a causal transformer (default) or a mean")
+    m.add_argument("--history-layers", type=int, default=2, help="transformer blocks (default 2)")
+    m.add_argument("--history-heads", type=int, default=2, help="attention heads (default 2)")
+    m.add_argument("--history-dropout", type=float, default=0.2, help="transformer dropout (default 0.2)")
+    m.add_argument("--loss", choices=("auto", "full", "in_batch"), default="auto",
+                   help="retrieval loss: full-catalog softmax, in-batch softmax with logQ, or auto "
+                   "(full up to 50,000 items)")
+    m.add_argument("--item-prior", choices=("segment", "global", "none"), default="segment",
+                   help="learned item bias added to the score: per segment (default), global, or none")
+    m.add_argument("--positions", choices=("auto", "all", "last"), default="auto",
+                   help="transformer + full softmax: train every history slot on its next item (all), or only the "
+                   "target (last); auto: last when every cut point is an example already (preprocess "
+                   "--max-examples-per-user 0) or user_text folds in recent titles (--text-history > 0), else all")
+    m.add_argument("--no-text", dest="use_text", action="store_false",
+                   help="the user tower ignores user_text (an ablation: what the text adds)")
+    m.add_argument("--cold-query", choices=("user", "centroid"), default="user",
+                   help="users with no history: served from their own (text) vector (default) or their centroid")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--warmup-epochs", type=int, default=1)
@@ -87,7 +105,9 @@ def train_config(args: argparse.Namespace):
         segments=args.num_segments, segments_range=tuple(args.num_segments_range), alpha=args.alpha, beta=args.beta,
         beta_grid=tuple(args.beta_grid),
         segment_temperature=args.segment_temperature, retrieval_temperature=args.retrieval_temperature,
-        user_id_buckets=args.user_id_buckets, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        user_id_buckets=args.user_id_buckets, history_encoder=args.history_encoder,
+        history_layers=args.history_layers, history_heads=args.history_heads, history_dropout=args.history_dropout,
+        loss=args.loss, item_prior=args.item_prior, cold_query=args.cold_query, positions=args.positions, use_text=args.use_text, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience,
         recall_k=args.recall_k, seed=args.seed,
         mixed_precision={"auto": None, "on": True, "off": False}[args.mixed_precision],
@@ -112,26 +132,30 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset-dir", help="default: the dataset the run was trained on")
     p.add_argument("--output-dir", help="default: <run-dir>/evaluation")
     p.add_argument("--beta", type=float, help="segment pull of the query (default: the run's, chosen on validation)")
-    p.add_argument("--baselines", default="popularity,ease,id_two_tower",
+    p.add_argument("--baselines", default="popularity,ease,id_two_tower,sasrec",
                    help="comma-separated: popularity, ease, id_two_tower, sasrec (empty: none); each is fitted on "
                         "every training interaction, tuned on the validation split, refitted on train + valid")
     p.add_argument("--id-two-tower-epochs", type=int, default=None,
                    help="force the ID two-tower's epochs (default: chosen on the validation split from 1,2,3,5,10)")
     p.add_argument("--ease-l2", type=float, default=None,
                    help="force EASE's l2 (default: chosen on the validation split from 10,50,100,200,500,1000,2000)")
+    p.add_argument("--sasrec-max-epochs", type=int, default=None,
+                   help="cap SASRec's epochs (default 200; the epoch is chosen on the validation split)")
     p.add_argument("--truth", help="ground-truth segments CSV (user_id,segment); default: the generator's, if found")
     p.add_argument("--compare-run", help="a second run (another seed) for segment stability (ARI)")
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("evaluate", "Full-catalog evaluation of a run against popularity, EASE and an ID-only two-tower: "
+@command("evaluate", "Full-catalog evaluation of a run against popularity, EASE, an ID-only two-tower and SASRec: "
                      "everything tuned chosen on validation, test scored once.")(_add_evaluate_args)
 def run_evaluate(args: argparse.Namespace, beam_args) -> int:
     from trainer.evaluation import evaluate
 
     baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
     params = tuple((name, p) for name, p in (("id_two_tower", {"epochs": args.id_two_tower_epochs}),
-                                             ("ease", {"l2": args.ease_l2})) if None not in p.values())
+                                             ("ease", {"l2": args.ease_l2}),
+                                             ("sasrec", {"max_epochs": args.sasrec_max_epochs}))
+                   if None not in p.values())
     config = evaluate.EvaluateConfig(
         run_dir=args.run_dir, dataset_dir=args.dataset_dir, output_dir=args.output_dir, beta=args.beta,
         baselines=baselines, baseline_params=tuple(p for p in params if p[0] in baselines),

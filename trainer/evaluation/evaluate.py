@@ -51,6 +51,7 @@ from trainer import features, reporting
 from trainer.data import arrays as da
 from trainer.data import examples as ex
 from trainer.data import tf_dataset as data
+from trainer.evaluation import cold_start as cold_start_lib
 from trainer.evaluation import ranking as metrics
 from trainer.evaluation import report, selection
 from trainer.model import run_dir as rd
@@ -72,7 +73,7 @@ class EvaluateConfig:
     output_dir: Optional[str] = None  # default: <run_dir>/evaluation
     ks: tuple = metrics.DEFAULT_KS
     beta: Optional[float] = None  # default: the run's (chosen on validation by `segrec train`)
-    baselines: tuple = ("popularity", "ease", "id_two_tower")
+    baselines: tuple = ("popularity", "ease", "id_two_tower", "sasrec")
     baseline_params: tuple = ()  # ((name, {param: value}), ...); a tuned param given here is forced
     baseline_grids: tuple = ()  # ((name, (values...)), ...): overrides selection.TUNING's grids
     selection_metric: Optional[str] = None  # default: recall@<the run's recall_k> (what chose segrec's epoch)
@@ -133,6 +134,9 @@ class Evaluation:
 
 
 # --- model outputs ------------------------------------------------------------------
+
+
+SPARSE_HISTORY = 5  # cold start: users cut to their last 5 items (beside cold_max_history)
 
 
 def item_vectors(model, item_ids) -> tuple[np.ndarray, np.ndarray]:
@@ -398,6 +402,19 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         _LOG.info("stability vs %s: ARI %.4f", config.compare_run_dir, stab)
     lap("segment_quality")
 
+    # Cold start: new users (text only) and sparse users, segrec vs popularity vs popular-in-segment.
+    visible_u, visible_i, _ = events.pairs((ex.TRAIN, ex.VALID))
+    index = da.item_index(catalog.item_ids)
+    keep = np.array([i in index for i in visible_i], bool)
+    pair_items = np.array([index[i] for i in visible_i[keep]], np.int64)
+    popularity = np.bincount(pair_items, minlength=len(catalog)).astype(np.float64)
+    seg_counts = cold_start_lib.segment_popularity(visible_u[keep], pair_items, dict(zip(user_ids, labels)), k,
+                                                   len(catalog))
+    cold_start = cold_start_lib.cold_start(model, ev, queries, targets, index, items, popularity, seg_counts, beta,
+                                           run.text_cache, sorted({config.cold_max_history, SPARSE_HISTORY}),
+                                           config.batch_size, ks)
+    lap("cold_start")
+
     # Segment sizes and what each segment consumes.
     sizes = np.bincount(labels, minlength=k)
     shares, cat_names = segment_category_shares(train, dict(zip(user_ids, labels)), catalog, k)
@@ -406,7 +423,7 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         output_dir, summaries, recall_curves=curves, breakdowns=breakdowns, segment_quality=quality,
         method_comparison=comparison, segment_sizes=sizes, segment_category_matrix=shares,
         category_names=cat_names, segment_labels=names, user_embeddings=emb, user_labels=labels,
-        repeat_targets=repeat_summaries, model_selection=model_selection,
+        repeat_targets=repeat_summaries, model_selection=model_selection, cold_start=cold_start,
         seed=config.seed, title=f"segrec evaluation of {os.path.basename(config.run_dir.rstrip('/')) or config.run_dir}")
     lap("report")
     timings["total"] = round(time.time() - t0, 3)
@@ -450,7 +467,8 @@ def _finish_report(output_dir: str, extra: dict, stab, compare_run_dir) -> dict:
 def evaluate(config: EvaluateConfig, progress: bool = True) -> dict:
     """Runs the evaluation, writes the report; returns report.json's content:
     {"models": {name: summary}, "breakdowns": {model: {group: summary}},
-    "repeat_targets": {name: summary}, "model_selection" (which split chose
+    "repeat_targets": {name: summary}, "cold_start": {scenario: {ranker:
+    summary}}, "model_selection" (which split chose
     what: grids, chosen values), "segment_quality", "method_comparison",
     "stability" (float or None), "segment_sizes", "segment_labels", "category_names",
     "segment_category_matrix", "recall_curves", "figures", "queries",
@@ -471,6 +489,10 @@ def format_summary(results: dict) -> str:
         lines.append(f"repeat targets ({next(iter(rep.values()))['count']} test queries, nothing removed): "
                      + ", ".join(f"{name} recall@{keys[0].split('@')[1] if keys else '?'} {_num(s.get(keys[0]))}"
                                  for name, s in rep.items()))
+    for scenario, table in results.get("cold_start", {}).items():
+        lines.append(f"cold start, {scenario}: " + ", ".join(
+            f"{name} recall@{keys[1].split('@')[1] if len(keys) > 1 else '?'} "
+            f"{_num(s.get(keys[1] if len(keys) > 1 else ''))}" for name, s in table.items()))
     sel = results.get("model_selection", {})
     if sel:
         chosen = []

@@ -225,6 +225,7 @@ def write_report(
     title: str = "segrec evaluation",
     repeat_targets: Mapping[str, Mapping] | None = None,
     model_selection: Mapping | None = None,
+    cold_start: Mapping[str, Mapping[str, Mapping]] | None = None,
 ) -> list[str]:
     """Writes report.json, report.md and the figures whose inputs are given.
 
@@ -249,6 +250,8 @@ def write_report(
         target the user already consumed (ranked with nothing removed).
       model_selection: what chose each model's configuration, on which split
         (trainer.evaluation.evaluate's "model_selection").
+      cold_start: scenario -> ranker -> summarize() dict
+        (trainer.evaluation.cold_start.cold_start).
 
     Returns:
       Paths written, report.json and report.md first.
@@ -298,6 +301,7 @@ def write_report(
         "figures": figures,
         "repeat_targets": repeat_targets or {},
         "model_selection": model_selection or {},
+        "cold_start": cold_start or {},
     }
     json_path = os.path.join(out_dir, REPORT_JSON)
     with open(json_path, "w", encoding="utf-8") as f:
@@ -328,6 +332,14 @@ def write_report(
                + (" (not in the table above)." if rule == "exclude" else " (also in the table above)."), ""]
         if count:
             md += models_table(repeat_targets) + [""]
+    if cold_start:
+        md += ["## Cold start", "",
+               "The test queries again, as if the user were new (profile text only: no history, nothing excluded) "
+               "or had only their most recent items (only those excluded); same targets, same candidates for "
+               "every ranker. popular_in_segment ranks by the interaction counts of the segment the model "
+               "predicts for that input.", ""]
+        for scenario, table in cold_start.items():
+            md += [f"### {scenario}", ""] + models_table(table) + [""]
     if model_selection:
         md += ["## Model selection", ""] + selection_lines(model_selection) + [""]
     if breakdowns:

@@ -6,8 +6,15 @@ tf-keras layer used here only as a loss computer; it is called from a
 `tf.function` with autograph on, because its `len(tf.shape(...))` fails when
 called straight from a Keras 3 train step.
 
-Loss = Retrieval(u, item(positive)) + alpha * (DEC KL + balance), where the
-retrieval loss is an in-batch softmax over scaled cosines with
+Loss = retrieval + alpha * (DEC KL + balance). The retrieval loss is either
+
+`loss="full"`: a softmax over the whole catalog, embedded once per step
+(history slots are gathered from the same [N+1, d] table instead of running
+the item tower per slot); under the exclude repeat rule the user's history
+items are masked out of the softmax, as they are at ranking time; or
+
+`loss="in_batch"`: Retrieval(u, item(positive)), an in-batch softmax over
+scaled cosines with
   * logQ correction: logits - log p(item), p = the item's share of training
     positives (Catalog.sampling_probabilities, kept as a non-trainable weight
     so checkpoints carry it), which undoes the popularity bias of in-batch
@@ -15,6 +22,16 @@ retrieval loss is an in-batch softmax over scaled cosines with
   * accidental hits removed: a batch negative with the positive's id is
     masked out;
   * example weights (features.WEIGHT).
+
+Item prior (`item_prior`): the score of item i for a user is
+  u . v_i / tau + b_i            ("global": a learned item bias)
+  u . v_i / tau + b_i + p . B_i  ("segment": plus a per-segment bias, p the
+                                   user's segment probabilities, stop-gradient)
+and it is served from the one ANN index by appending coordinates: QUERY is
+[q, tau, tau * p] and each item vector [v_i, b_i, B_i], so QUERY . item =
+tau * logit and the index ranks exactly as training scored. The segment
+prior is a popular-in-segment signal a personal vector cannot carry; with
+p fixed it can only move items the segment favours, it never rotates q.
 """
 
 from __future__ import annotations
@@ -32,6 +49,11 @@ from trainer.data.tf_dataset import Catalog
 from trainer.model.segment_head import SegmentHead
 from trainer.model.text_encoder import TextEncoder
 from trainer.model.towers import MAX_TEXT_TOKENS, ItemTower, UserTower, item_tokens
+
+LOSSES = ("in_batch", "full")
+ITEM_PRIORS = ("none", "global", "segment")
+COLD_QUERIES = ("centroid", "user")
+POSITIONS = ("last", "all")
 
 
 @tf.function(autograph=True)
@@ -90,6 +112,23 @@ class SegRecModel(keras.Model):
       alpha: weight of the clustering loss.
       retrieval_temperature: softmax temperature over cosines.
       remove_accidental_hits, logq_correction: retrieval loss options.
+      history_encoder, max_history, history_layers, history_heads,
+        history_dropout: the user tower's history reader (see UserTower).
+      loss: "full" (catalog softmax) or "in_batch" (see the module doc).
+      exclude_seen: full softmax only: mask the history items out of each
+        example's softmax (the exclude repeat rule).
+      positions: full softmax with the transformer only: "all" trains every
+        history slot to predict the item that followed it (as SASRec does:
+        one example gives up to H+1 signals, each ranked without what was
+        consumed before it); "last" only the example's target. "all" assumes
+        user_text holds nothing the history's later items determine (a
+        profile; not the titles of recent items, which would leak a slot's
+        target into its input).
+      use_text: False: the user tower ignores user_text (an ablation).
+      item_prior: "none", "global" or "segment" (see the module doc).
+      cold_query: a user with no known history item is served from their
+        segment's centroid ("centroid") or from their own vector, text and
+        prior included ("user").
       finetune_layers: top encoder layers trained (needs `text_encoder`);
         0 = frozen encoder (cached vectors are used when the batch has them).
       text_encoder: optional TextEncoder; needed for fine-tuning and for
@@ -121,6 +160,17 @@ class SegRecModel(keras.Model):
         retrieval_temperature: float = 0.05,
         remove_accidental_hits: bool = True,
         logq_correction: bool = True,
+        history_encoder: str = "mean",
+        max_history: int = 50,
+        history_layers: int = 2,
+        history_heads: int = 2,
+        history_dropout: float = 0.2,
+        loss: str = "in_batch",
+        exclude_seen: bool = True,
+        item_prior: str = "none",
+        cold_query: str = "centroid",
+        positions: str = "last",
+        use_text: bool = True,
         finetune_layers: int = 0,
         text_encoder: Optional[TextEncoder] = None,
         mixed_precision: bool = False,
@@ -162,6 +212,21 @@ class SegRecModel(keras.Model):
         self.retrieval_temperature = float(retrieval_temperature)
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.logq_correction = bool(logq_correction)
+        for name, value, allowed in (("loss", loss, LOSSES), ("item_prior", item_prior, ITEM_PRIORS),
+                                     ("cold_query", cold_query, COLD_QUERIES), ("positions", positions, POSITIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.history_encoder = history_encoder
+        self.max_history = int(max_history)
+        self.history_layers = int(history_layers)
+        self.history_heads = int(history_heads)
+        self.history_dropout = float(history_dropout)
+        self.loss_kind = loss
+        self.exclude_seen = bool(exclude_seen)
+        self.item_prior = item_prior
+        self.cold_query = cold_query
+        self.positions = positions
+        self.use_text = bool(use_text)
         self.finetune_layers = int(finetune_layers)
         self.mixed_precision = bool(mixed_precision)
         self.seed = seed
@@ -188,6 +253,12 @@ class SegRecModel(keras.Model):
             hidden_units=self.user_hidden_units,
             user_id_buckets=self.user_id_buckets,
             user_id_dim=self.user_id_dim,
+            history_encoder=self.history_encoder,
+            max_history=self.max_history,
+            history_layers=self.history_layers,
+            history_heads=self.history_heads,
+            history_dropout=self.history_dropout,
+            use_text=self.use_text,
             seed=None if seed is None else seed + 100,
             dtype=policy,
             name="user_tower",
@@ -238,7 +309,41 @@ class SegRecModel(keras.Model):
             trainable=False,
             dtype="float32",
         )
+        if self.item_prior != "none":
+            self.item_bias = self.add_weight(name="item_bias", shape=(n,), initializer="zeros", dtype="float32")
+        if self.item_prior == "segment":
+            self.segment_bias = self.add_weight(name="segment_bias", shape=(n, self.num_segments),
+                                                initializer="zeros", dtype="float32")
         self.built = True
+
+    @property
+    def prior_dim(self) -> int:
+        """Coordinates the item prior appends to QUERY and item vectors."""
+        return {"none": 0, "global": 1, "segment": 1 + self.num_segments}[self.item_prior]
+
+    @property
+    def query_dim(self) -> int:
+        """Width of QUERY and of item_embeddings(): embedding_dim + prior_dim."""
+        return self.embedding_dim + self.prior_dim
+
+    def _query_with_prior(self, q: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
+        """q [B, d], segment probs [B, K] -> [B, d + prior_dim] ([q, tau, tau * p])."""
+        if self.item_prior == "none":
+            return q
+        tau = tf.fill([tf.shape(q)[0], 1], tf.constant(self.retrieval_temperature, tf.float32))
+        parts = [tf.cast(q, tf.float32), tau]
+        if self.item_prior == "segment":
+            parts.append(self.retrieval_temperature * tf.cast(probs, tf.float32))
+        return tf.concat(parts, axis=-1)
+
+    def _items_with_prior(self, v: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """item vectors v [..., d] of table `rows` [...] -> [..., d + prior_dim] ([v, b, B])."""
+        if self.item_prior == "none":
+            return v
+        parts = [tf.cast(v, tf.float32), tf.gather(tf.convert_to_tensor(self.item_bias), rows)[..., None]]
+        if self.item_prior == "segment":
+            parts.append(tf.gather(tf.convert_to_tensor(self.segment_bias), rows))
+        return tf.concat(parts, axis=-1)
 
     # --- construction from a dataset -----------------------------------------
     @classmethod
@@ -291,11 +396,19 @@ class SegRecModel(keras.Model):
             "text_encoder: pass a TextCache to make_dataset or give the model an encoder"
         )
 
-    def user_embedding(self, batch: dict, training=None) -> tuple[tf.Tensor, tf.Tensor]:
-        """-> (u [B, d] float32 unit norm, cold [B] bool: no known history item)."""
+    def user_embedding(self, batch: dict, training=None, item_table: Optional[tf.Tensor] = None
+                       ) -> tuple[tf.Tensor, tf.Tensor]:
+        """-> (u [B, d] float32 unit norm, cold [B] bool: no known history item).
+
+        item_table: the catalog's [N+1, d] item vectors when the caller has
+        embedded them already (the full-softmax step): history slots are
+        gathered from it instead of running the item tower per slot."""
         rows = self.item_tower.rows(batch[features.HISTORY_ITEM_IDS])
         mask = rows > 0  # PAD_ITEM_ID and unknown ids map to row 0
-        history = self.item_tower.embed_rows(rows, training=training)
+        if item_table is not None:
+            history = tf.gather(item_table, rows)
+        else:
+            history = self.item_tower.embed_rows(rows, training=training)
         inputs = {
             "text_vector": self.text_vectors(batch, training=training),
             "history_embeddings": history,
@@ -311,7 +424,8 @@ class SegRecModel(keras.Model):
         SEGMENT_PROBS: [B, K], SEGMENT_ID: [B] int32}."""
         u, cold = self.user_embedding(inputs, training=training)
         probs, seg = self.segment_head(u)
-        q = self.segment_head.query(u, beta, cold=cold)
+        q = self.segment_head.query(u, beta, cold=cold if self.cold_query == "centroid" else None)
+        q = self._query_with_prior(q, probs)
         return {
             features.EMBEDDING: u,
             features.QUERY: q,
@@ -324,21 +438,39 @@ class SegRecModel(keras.Model):
         return self(batch, training=False, beta=beta)
 
     def item_embeddings(self) -> tf.Tensor:
-        """[N, d] embeddings of the whole catalog, in `item_ids` order."""
-        return self.item_tower.catalog_embeddings()
+        """[N, query_dim] vectors of the whole catalog, in `item_ids` order:
+        what QUERY is scored against (the item tower's [N, d], plus the item
+        prior's coordinates when the model has one)."""
+        rows = tf.range(1, len(self.item_ids) + 1, dtype=tf.int32)
+        return self._items_with_prior(self.item_tower.catalog_embeddings(), rows)
 
     # --- losses and steps ---------------------------------------------------------
     def compute_losses(self, batch: dict, training=None) -> dict:
         """float32 scalars: loss, retrieval_loss, cluster_loss, balance."""
-        u, _ = self.user_embedding(batch, training=training)
-        rows = self.item_tower.rows(batch[features.ITEM_ID])
-        candidates = self.item_tower.embed_rows(rows, training=training)
         weights = batch.get(features.WEIGHT)
         weights = None if weights is None else tf.cast(weights, tf.float32)
-        probs = tf.gather(self.sampling_probability, rows) if self.logq_correction else None
-        retrieval = tf.cast(
-            _retrieval_loss(self._task.value, u, candidates, weights, probs, rows), tf.float32
-        )
+        rows = self.item_tower.rows(batch[features.ITEM_ID])
+        if self.loss_kind == "full":
+            # The catalog, embedded once for the step: softmax columns and history slots.
+            table = tf.cast(self.item_tower.embed_rows(
+                tf.range(len(self.item_ids) + 1, dtype=tf.int32), training=training), tf.float32)
+            history_rows = self.item_tower.rows(batch[features.HISTORY_ITEM_IDS])
+            if self.positions == "all" and self.history_encoder == "transformer":
+                u, retrieval = self._every_position_loss(batch, table, rows, history_rows, weights, training)
+            else:
+                u, _ = self.user_embedding(batch, training=training, item_table=table)
+                retrieval = self._full_softmax_loss(u, table, rows, history_rows, weights)
+        else:
+            u, _ = self.user_embedding(batch, training=training)
+            candidates = self.item_tower.embed_rows(rows, training=training)
+            query = u
+            if self.item_prior != "none":
+                query = self._query_with_prior(u, tf.stop_gradient(self.segment_head(u)[0]))
+                candidates = self._items_with_prior(candidates, rows)
+            probs = tf.gather(self.sampling_probability, rows) if self.logq_correction else None
+            retrieval = tf.cast(
+                _retrieval_loss(self._task.value, query, candidates, weights, probs, rows), tf.float32
+            )
         clustering = self.segment_head.clustering_loss(u, sample_weight=weights)
         total = retrieval + tf.convert_to_tensor(self.cluster_weight) * clustering["loss"]
         return {
@@ -347,6 +479,67 @@ class SegRecModel(keras.Model):
             "cluster_loss": clustering["kl"],
             "balance": clustering["balance"],
         }
+
+    def _full_softmax_loss(self, u, table, target_rows, history_rows, weights) -> tf.Tensor:
+        """Mean weighted cross-entropy of the target over the whole catalog.
+
+        logits [B, N] = QUERY . item vectors / tau (prior included); targets
+        outside the vocabulary (row 0) get weight 0; with exclude_seen the
+        history items (other than the target) are masked out."""
+        n = len(self.item_ids)
+        query = self._query_with_prior(u, tf.stop_gradient(self.segment_head(u)[0]))
+        items = self._items_with_prior(table[1:], tf.range(1, n + 1, dtype=tf.int32))
+        logits = tf.matmul(query, items, transpose_b=True) / self.retrieval_temperature
+        if self.exclude_seen:
+            seen = tf.logical_and(history_rows > 0, history_rows != target_rows[:, None])
+            where = tf.where(seen)  # [M, 2]: (row, slot)
+            cols = tf.gather_nd(history_rows, where) - 1
+            idx = tf.stack([tf.cast(where[:, 0], tf.int32), cols], axis=1)
+            logits = tf.tensor_scatter_nd_update(logits, idx, tf.fill([tf.shape(idx)[0]], -1e9))
+        known = tf.cast(target_rows > 0, tf.float32)
+        w = known if weights is None else known * weights
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.maximum(target_rows - 1, 0), logits=logits)
+        return tf.reduce_sum(ce * w) / tf.maximum(tf.cast(tf.shape(u)[0], tf.float32), 1.0)
+
+    def _every_position_loss(self, batch, table, target_rows, history_rows, weights, training):
+        """(u [B, d] of slot 0, loss): the full-softmax loss of every slot.
+
+        Slot 0 predicts the example's target, slot i >= 1 the item at slot
+        i - 1 (the one consumed right after it), each from the user vector of
+        the history as it stood (slots i.., the transformer is causal) and
+        ranked without the items consumed before it (exclude_seen)."""
+        n = len(self.item_ids)
+        mask = history_rows > 0
+        inputs = {
+            "text_vector": self.text_vectors(batch, training=training),
+            "history_embeddings": tf.gather(table, history_rows),
+            "history_mask": mask,
+        }
+        if self.user_id_buckets > 0:
+            inputs["user_id"] = batch[features.USER_ID]
+        users = self.user_tower.sequence_outputs(inputs, training=training)  # [B, H, d]
+        slot_targets = tf.concat([target_rows[:, None], history_rows[:, :-1]], axis=1)  # [B, H]
+        # Slot 0 trains whenever the target is known (an empty history: the text-only user).
+        valid = tf.concat([target_rows[:, None] > 0, tf.logical_and(mask[:, 1:], slot_targets[:, 1:] > 0)], axis=1)
+        where = tf.where(valid)  # [M, 2]: (example, slot)
+        ex_index, slot = tf.cast(where[:, 0], tf.int32), tf.cast(where[:, 1], tf.int32)
+        flat_users = tf.gather_nd(users, where)
+        flat_targets = tf.gather_nd(slot_targets, where)
+        query = self._query_with_prior(flat_users, tf.stop_gradient(self.segment_head(flat_users)[0]))
+        items = self._items_with_prior(table[1:], tf.range(1, n + 1, dtype=tf.int32))
+        logits = tf.matmul(query, items, transpose_b=True) / self.retrieval_temperature  # [M, N]
+        if self.exclude_seen:
+            hist = tf.gather(history_rows, ex_index)  # [M, H]
+            before = tf.range(tf.shape(hist)[1])[None, :] >= slot[:, None]  # consumed before the slot's target
+            seen = tf.logical_and(tf.logical_and(before, hist > 0), hist != flat_targets[:, None])
+            pos = tf.where(seen)
+            idx = tf.stack([tf.cast(pos[:, 0], tf.int32), tf.gather_nd(hist, pos) - 1], axis=1)
+            logits = tf.tensor_scatter_nd_update(logits, idx, tf.fill([tf.shape(idx)[0]], -1e9))
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=flat_targets - 1, logits=logits)
+        if weights is not None:
+            ce = ce * tf.gather(weights, ex_index)
+        loss = tf.reduce_sum(ce) / tf.maximum(tf.cast(tf.shape(ce)[0], tf.float32), 1.0)
+        return users[:, 0, :], loss
 
     @property
     def metrics(self):
@@ -391,6 +584,8 @@ class SegRecModel(keras.Model):
         if self.text_encoder is not None:
             clone.text_encoder.set_weights(self.text_encoder.get_weights())
         clone.sampling_probability.assign(self.sampling_probability)
+        if self.item_prior != "none":
+            clone.item_bias.assign(self.item_bias)
         return clone
 
     def with_text_encoder(self, encoder: TextEncoder) -> "SegRecModel":
@@ -403,6 +598,10 @@ class SegRecModel(keras.Model):
         for part in ("item_tower", "user_tower", "segment_head"):
             getattr(clone, part).set_weights(getattr(self, part).get_weights())
         clone.sampling_probability.assign(self.sampling_probability)
+        if self.item_prior != "none":
+            clone.item_bias.assign(self.item_bias)
+        if self.item_prior == "segment":
+            clone.segment_bias.assign(self.segment_bias)
         clone.cluster_weight.assign(self.cluster_weight)
         return clone
 
@@ -431,6 +630,17 @@ class SegRecModel(keras.Model):
                 "retrieval_temperature": self.retrieval_temperature,
                 "remove_accidental_hits": self.remove_accidental_hits,
                 "logq_correction": self.logq_correction,
+                "history_encoder": self.history_encoder,
+                "max_history": self.max_history,
+                "history_layers": self.history_layers,
+                "history_heads": self.history_heads,
+                "history_dropout": self.history_dropout,
+                "loss": self.loss_kind,
+                "exclude_seen": self.exclude_seen,
+                "item_prior": self.item_prior,
+                "cold_query": self.cold_query,
+                "positions": self.positions,
+                "use_text": self.use_text,
                 "finetune_layers": self.finetune_layers,
                 "text_encoder": (
                     None

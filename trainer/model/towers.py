@@ -1,5 +1,6 @@
 """The two towers: items (id, categories, hashed bag of words) and users
-(pooled text, mean of history item embeddings, hashed user id).
+(pooled text, the history read by a causal transformer or averaged, hashed
+user id).
 
 Both are Keras 3 layers that emit L2-normalised d-dim vectors, so a dot
 product is a cosine. The item tower keeps each catalog item's categories and
@@ -232,6 +233,91 @@ class ItemTower(keras.layers.Layer):
         return config
 
 
+HISTORY_ENCODERS = ("mean", "transformer")
+
+
+def causal_mask(valid: tf.Tensor) -> tf.Tensor:
+    """valid [B, H] bool (history most recent first) -> attention mask [B, H, H]:
+    slot i (query) may read slot j (key) when j >= i (the same item or an
+    older one) and j holds an item. Slot 0, the most recent item, reads the
+    whole history; an older slot never sees what came after it."""
+    h = tf.shape(valid)[1]
+    older_or_same = tf.linalg.band_part(tf.ones([h, h], tf.bool), 0, -1)  # [i, j]: j >= i
+    return tf.logical_and(older_or_same[None, :, :], valid[:, None, :])
+
+
+@keras.saving.register_keras_serializable(package="segrec")
+class HistoryTransformer(keras.layers.Layer):
+    """Causal self-attention over history item embeddings (SASRec-style).
+
+    Input: embeddings [B, H, d] (most recent first) and mask [B, H] bool.
+    Output of `sequence` [B, H, d]: slot i summarises items i..H-1 (it and
+    what came before it), never a later item; `call` returns slot 0, the
+    representation after the most recent item, zeros for an empty history.
+    Pre-LayerNorm blocks: x += MHA(LN(x)); x += FFN(LN(x)); final LN.
+    Positions are learned, by recency (slot 0 = most recent).
+    """
+
+    def __init__(self, dim: int = 32, max_len: int = 50, num_layers: int = 2, num_heads: int = 2,
+                 dropout: float = 0.2, seed: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = int(dim)
+        self.max_len = int(max_len)
+        self.num_layers = int(num_layers)
+        self.num_heads = int(num_heads)
+        self.dropout = float(dropout)
+        self.seed = seed
+        self.position = keras.layers.Embedding(self.max_len, self.dim, embeddings_initializer=_init(seed, 30),
+                                               dtype=self.dtype_policy, name="position")
+        self.attn = [keras.layers.MultiHeadAttention(self.num_heads, max(1, self.dim // self.num_heads),
+                                                     dropout=self.dropout, kernel_initializer=_dense_init(seed, 31 + i),
+                                                     dtype=self.dtype_policy, name=f"attention_{i}")
+                     for i in range(self.num_layers)]
+        self.ffn_in = [keras.layers.Dense(self.dim, activation="gelu", kernel_initializer=_dense_init(seed, 41 + i),
+                                          dtype=self.dtype_policy, name=f"ffn_in_{i}") for i in range(self.num_layers)]
+        self.ffn_out = [keras.layers.Dense(self.dim, kernel_initializer=_dense_init(seed, 51 + i),
+                                           dtype=self.dtype_policy, name=f"ffn_out_{i}") for i in range(self.num_layers)]
+        self.norms = [keras.layers.LayerNormalization(epsilon=1e-6, dtype=self.dtype_policy, name=f"norm_{i}")
+                      for i in range(2 * self.num_layers + 1)]
+        self.drop = keras.layers.Dropout(self.dropout, seed=seed)
+
+    def build(self, input_shape=None):
+        self.position.build((None,))
+        for i in range(self.num_layers):
+            self.attn[i].build((None, None, self.dim), (None, None, self.dim))
+            self.ffn_in[i].build((None, self.dim))
+            self.ffn_out[i].build((None, self.dim))
+        for norm in self.norms:
+            norm.build((None, self.dim))
+        self.built = True
+
+    def sequence(self, embeddings, mask, training=None) -> tf.Tensor:
+        """[B, H, d], [B, H] -> [B, H, d] causal outputs (zeros at padding)."""
+        x = tf.cast(embeddings, self.compute_dtype) * tf.cast(self.dim ** 0.5, self.compute_dtype)
+        h = tf.shape(x)[1]
+        positions = tf.minimum(tf.range(h), self.max_len - 1)
+        x = x + tf.cast(self.position(positions), self.compute_dtype)[None]
+        valid = tf.cast(mask, self.compute_dtype)[..., None]
+        x = self.drop(x, training=training) * valid
+        attention_mask = causal_mask(tf.cast(mask, tf.bool))
+        for i in range(self.num_layers):
+            y = self.norms[2 * i](x)
+            x = x + self.attn[i](y, y, attention_mask=attention_mask, training=training)
+            y = self.norms[2 * i + 1](x)
+            x = x + self.drop(self.ffn_out[i](self.ffn_in[i](y)), training=training)
+            x = x * valid
+        return self.norms[-1](x) * valid
+
+    def call(self, embeddings, mask, training=None):
+        return self.sequence(embeddings, mask, training=training)[:, 0, :]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"dim": self.dim, "max_len": self.max_len, "num_layers": self.num_layers,
+                       "num_heads": self.num_heads, "dropout": self.dropout, "seed": self.seed})
+        return config
+
+
 @keras.saving.register_keras_serializable(package="segrec")
 class UserTower(keras.layers.Layer):
     """(pooled text, history item embeddings, user id) -> [B, dim], unit norm.
@@ -249,6 +335,13 @@ class UserTower(keras.layers.Layer):
       hidden_units: sizes of the ReLU MLP layers before the output layer.
       user_id_buckets: hash buckets of the user-id embedding; 0 turns it off.
       user_id_dim: size of the user-id embedding.
+      history_encoder: "mean" (masked mean of the history embeddings) or
+        "transformer" (HistoryTransformer over them, most recent first; its
+        output is also added to the tower's output, a residual path that lets
+        the sequence carry the query on its own).
+      max_history, history_layers, history_heads, history_dropout: the
+        transformer's positions, blocks, heads and dropout.
+      use_text: False reads no text (zeros in its place): the ablation.
       seed: seeds the initializers.
     """
 
@@ -260,19 +353,39 @@ class UserTower(keras.layers.Layer):
         hidden_units: Sequence[int] = (64,),
         user_id_buckets: int = 0,
         user_id_dim: int = 16,
+        history_encoder: str = "mean",
+        max_history: int = 50,
+        history_layers: int = 2,
+        history_heads: int = 2,
+        history_dropout: float = 0.2,
+        use_text: bool = True,
         seed: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self._convert_input_args = False
         self._allow_non_tensor_positional_args = True
+        self.use_text = bool(use_text)
         self.dim = int(dim)
         self.text_input_dim = int(text_input_dim)
         self.text_dim = int(text_dim)
         self.hidden_units = [int(u) for u in hidden_units]
         self.user_id_buckets = int(user_id_buckets)
         self.user_id_dim = int(user_id_dim)
+        if history_encoder not in HISTORY_ENCODERS:
+            raise ValueError(f"history_encoder must be one of {HISTORY_ENCODERS}, got {history_encoder!r}")
+        self.history_encoder = history_encoder
+        self.max_history = int(max_history)
+        self.history_layers = int(history_layers)
+        self.history_heads = int(history_heads)
+        self.history_dropout = float(history_dropout)
         self.seed = seed
+        self.sequence_encoder = None
+        if history_encoder == "transformer":
+            self.sequence_encoder = HistoryTransformer(
+                dim=self.dim, max_len=self.max_history, num_layers=self.history_layers,
+                num_heads=self.history_heads, dropout=self.history_dropout,
+                seed=None if seed is None else seed + 60, dtype=self.dtype_policy, name="history_transformer")
         self.text_projection = keras.layers.Dense(
             self.text_dim,
             kernel_initializer=_dense_init(seed, 11),
@@ -308,6 +421,8 @@ class UserTower(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.text_projection.build((None, self.text_input_dim))
+        if self.sequence_encoder is not None:
+            self.sequence_encoder.build()
         if self.user_id_buckets > 0:
             self.user_embedding.build((None,))
         width = self.concat_dim
@@ -317,24 +432,42 @@ class UserTower(keras.layers.Layer):
         self.output_layer.build((None, width))
         self.built = True
 
-    def call(self, inputs, training=None):
-        text = tf.cast(inputs["text_vector"], self.compute_dtype)
-        parts = [
-            self.text_projection(text),
-            tf.cast(
-                _masked_mean(
-                    tf.cast(inputs["history_embeddings"], tf.float32), inputs["history_mask"]
-                ),
-                self.compute_dtype,
-            ),
-        ]
+    def _combine(self, history: tf.Tensor, inputs: dict) -> tf.Tensor:
+        """history [B, d] or [B, H, d] (one per slot) + the user's text and id -> unit-norm output, same shape."""
+        text = self.text_projection(tf.cast(inputs["text_vector"], self.compute_dtype))
+        if not self.use_text:
+            text = tf.zeros_like(text)
+        parts = [text]
         if self.user_id_buckets > 0:
             parts.append(self.user_embedding(self.user_hashing(inputs["user_id"])))
+        if history.shape.rank == 3:
+            slots = tf.shape(history)[1]
+            parts = [tf.tile(tf.cast(p, self.compute_dtype)[:, None, :], [1, slots, 1]) for p in parts]
+        parts.insert(1, history)
         x = tf.concat([tf.cast(p, self.compute_dtype) for p in parts], axis=-1)
         for layer in self.hidden:
             x = layer(x)
-        x = tf.cast(self.output_layer(x), tf.float32)
-        return tf.math.l2_normalize(x, axis=-1)
+        x = self.output_layer(x)
+        if self.sequence_encoder is not None:
+            x = x + history
+        return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=-1)
+
+    def call(self, inputs, training=None):
+        if self.sequence_encoder is not None:
+            history = self.sequence_encoder(inputs["history_embeddings"], inputs["history_mask"], training=training)
+        else:
+            history = _masked_mean(tf.cast(inputs["history_embeddings"], tf.float32), inputs["history_mask"])
+        return self._combine(tf.cast(history, self.compute_dtype), inputs)
+
+    def sequence_outputs(self, inputs, training=None) -> tf.Tensor:
+        """Transformer only: [B, H, dim] user vectors, slot i as if the user's
+        history ended at history slot i (slot 0 = `call`'s output); the text
+        and id are the inputs' for every slot."""
+        if self.sequence_encoder is None:
+            raise ValueError("sequence_outputs needs history_encoder='transformer'")
+        history = self.sequence_encoder.sequence(inputs["history_embeddings"], inputs["history_mask"],
+                                                 training=training)
+        return self._combine(tf.cast(history, self.compute_dtype), inputs)
 
     def get_config(self):
         config = super().get_config()
@@ -346,6 +479,12 @@ class UserTower(keras.layers.Layer):
                 "hidden_units": self.hidden_units,
                 "user_id_buckets": self.user_id_buckets,
                 "user_id_dim": self.user_id_dim,
+                "history_encoder": self.history_encoder,
+                "max_history": self.max_history,
+                "history_layers": self.history_layers,
+                "history_heads": self.history_heads,
+                "history_dropout": self.history_dropout,
+                "use_text": self.use_text,
                 "seed": self.seed,
             }
         )

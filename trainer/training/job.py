@@ -49,7 +49,8 @@ from trainer.training import fit as training
 
 _LOG = logging.getLogger("segrec.train")
 
-MONITOR_BETA = 0.5  # the beta of train-time recall (early stopping) when --beta does not force one
+FULL_SOFTMAX_MAX_ITEMS = 50_000  # loss "auto": a full catalog softmax up to this many items, in-batch beyond
+MONITOR_BETA = 0.0  # the beta of train-time recall (early stopping) when --beta does not force one: no pull
 BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -71,6 +72,15 @@ class TrainConfig:
     segment_temperature: float = 0.1
     retrieval_temperature: float = 0.05
     user_id_buckets: int = 0
+    history_encoder: str = "transformer"  # transformer | mean
+    history_layers: int = 2
+    history_heads: int = 2
+    history_dropout: float = 0.2
+    loss: str = "auto"  # auto (full when the catalog has <= FULL_SOFTMAX_MAX_ITEMS items) | full | in_batch
+    item_prior: str = "segment"  # segment | global | none
+    cold_query: str = "user"  # user | centroid
+    positions: str = "auto"  # auto | all | last (see positions_for)
+    use_text: bool = True  # False: the user tower ignores user_text (ablation)
     epochs: int = 10
     warmup_epochs: int = 1
     batch_size: int = 256
@@ -98,8 +108,34 @@ class TrainConfig:
             raise ValueError("--num-segments auto needs --warmup-epochs >= 1 (it clusters warmed-up embeddings)")
         if self.beta is not None and self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
+        for name, value, allowed in (("history_encoder", self.history_encoder, ("transformer", "mean")),
+                                     ("loss", self.loss, ("auto", "full", "in_batch")),
+                                     ("item_prior", self.item_prior, ("segment", "global", "none")),
+                                     ("cold_query", self.cold_query, ("user", "centroid")),
+                                     ("positions", self.positions, ("auto", "all", "last"))):
+            if value not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {value!r}")
+        if self.history_layers < 1 or self.history_heads < 1 or not 0 <= self.history_dropout < 1:
+            raise ValueError("--history-layers and --history-heads must be >= 1, --history-dropout in [0, 1)")
         if not self.beta_grid or any(b < 0 for b in self.beta_grid):
             raise ValueError(f"--beta-grid must hold one or more betas >= 0, got {self.beta_grid}")
+
+    def loss_for(self, num_items: int) -> str:
+        """The retrieval loss this run uses on a catalog of `num_items`."""
+        if self.loss != "auto":
+            return self.loss
+        return "full" if num_items <= FULL_SOFTMAX_MAX_ITEMS else "in_batch"
+
+    def positions_for(self, text_history: int, max_examples_per_user: int) -> str:
+        """The trained positions on a dataset whose user_text folds in `text_history` recent titles and
+        that keeps `max_examples_per_user` cut points per user (0: all). auto is "last" when every cut
+        point already is an example (each position is then a training signal of its own, with the text
+        as it was at that point; "all" would add the same signals again at about twice the cost per step,
+        measured on ML-100K) or when user_text folds in recent titles ("all" would leak a slot's target
+        through them into its input); "all" otherwise."""
+        if self.positions != "auto":
+            return self.positions
+        return "all" if text_history == 0 and max_examples_per_user > 0 else "last"
 
     @property
     def monitor_beta(self) -> float:
@@ -142,7 +178,9 @@ def _text_cache(config: TrainConfig, encoder: TextEncoder, texts, out_dir: str) 
     return cache
 
 
-def _model(config: TrainConfig, catalog, encoder: TextEncoder, num_segments: int, mixed: bool) -> SegRecModel:
+def _model(config: TrainConfig, catalog, encoder: TextEncoder, num_segments: int, mixed: bool,
+           rule: str = ex.REPEATS_EXCLUDE, max_history: int = features.MAX_HISTORY,
+           text_history: int = features.TEXT_HISTORY, max_examples_per_user: int = 0) -> SegRecModel:
     text_dim = int(encoder.compute_output_shape((None,))[-1])
     model = SegRecModel.from_catalog(
         catalog,
@@ -151,6 +189,11 @@ def _model(config: TrainConfig, catalog, encoder: TextEncoder, num_segments: int
         user_hidden_units=(2 * config.embedding_dim,), user_id_buckets=config.user_id_buckets,
         num_segments=num_segments, segment_temperature=config.segment_temperature, alpha=config.alpha,
         retrieval_temperature=config.retrieval_temperature, finetune_layers=config.finetune_layers,
+        history_encoder=config.history_encoder, max_history=max_history, history_layers=config.history_layers,
+        history_heads=config.history_heads, history_dropout=config.history_dropout,
+        loss=config.loss_for(len(catalog.item_ids)), exclude_seen=rule == ex.REPEATS_EXCLUDE,
+        item_prior=config.item_prior, cold_query=config.cold_query, positions=config.positions_for(text_history, max_examples_per_user),
+        use_text=config.use_text,
         text_encoder=encoder, mixed_precision=mixed, seed=config.seed,
     )
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
@@ -216,7 +259,10 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         encoder = build_encoder(config, texts)
         cache = _text_cache(config, encoder, texts, out_dir) if config.finetune_layers == 0 else None
         k0 = config.segments if isinstance(config.segments, int) else config.segments_range[0]
-        model = _model(config, catalog, encoder, k0, mixed)
+        policy = da.metadata(config.dataset_dir).get("split", {})
+        model = _model(config, catalog, encoder, k0, mixed, rule, int(policy.get("max_history", features.MAX_HISTORY)),
+                       int(policy.get("text_history", features.TEXT_HISTORY)),
+                       int(policy.get("max_examples_per_user", 0)))
 
     def dataset(split, shuffle):
         return data_lib.make_dataset(config.dataset_dir, split, config.batch_size, shuffle=shuffle, seed=config.seed,
