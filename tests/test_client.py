@@ -55,8 +55,11 @@ def test_whole_catalog_drops_padding_and_history(client, server):
     assert rec.segment_label == segments["segments"][rec.segment_id]["label"]
 
 
-def test_beta_none_is_the_models_default(client):
-    explicit = client.recommend("plays guitar", [], k=5, beta=0.5)  # the export's default beta
+def test_beta_none_is_the_models_default(client, server):
+    from serving.export import layout
+
+    default_beta = float(layout.read_export_info(server["export"])["beta"])
+    explicit = client.recommend("plays guitar", [], k=5, beta=default_beta)  # the export's default beta
     assert client.recommend("plays guitar", [], k=5) == explicit
     # Without the server's segrec metadata (TF Serving), recommend_defaults answers.
     client._info = lambda *a: {}

@@ -32,6 +32,9 @@ def _add_score_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--beta", type=float, help="segment pull of the query (default: the export's default beta)")
     m.add_argument("--min-batch-size", type=int, help="RunInference's smallest batch (default: Beam's, 1)")
     m.add_argument("--max-batch-size", type=int, default=256, help="RunInference's largest batch (default 256)")
+    m.add_argument("--text-cache-size", type=int, default=100_000,
+                   help="distinct user texts whose encoder vectors a worker keeps, so each is encoded once "
+                        "(default 100000; 0: encode every row)")
 
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", required=True, help="where the results go (local path or gs://)")
@@ -80,7 +83,10 @@ def score_config(args: argparse.Namespace):
                         "raw input, not --dataset-dir")
     if args.window_days is not None and args.window_days <= 0:
         raise UserError(f"--window-days must be > 0, got {args.window_days}")
+    if args.text_cache_size < 0:
+        raise UserError(f"--text-cache-size must be >= 0, got {args.text_cache_size}")
     return score.ScoreConfig(
+        text_cache_size=args.text_cache_size,
         model_dir=args.model_dir,
         output_dir=args.output_dir,
         dataset_dir=args.dataset_dir,
