@@ -206,3 +206,35 @@ def test_every_position_loss_trains_each_slot_on_the_item_that_followed_it(datas
     assert got == pytest.approx(float(np.mean(losses)), rel=1e-4)
     # Slot 0 of the sequence is the served user vector.
     np.testing.assert_allclose(users[:, 0], model.user_outputs(batch)[features.EMBEDDING].numpy(), atol=1e-5)
+
+
+def test_sampled_softmax_is_the_logq_corrected_mixed_pool_cross_entropy(dataset_dir, user_texts):
+    model, train, _ = _setup(dataset_dir, user_texts, loss="sampled", sampled_negatives=5)
+    _randomize_prior(model, seed=7)
+    batch = next(iter(train))
+    u = model.user_outputs(batch)[features.EMBEDDING]
+    rows = model.item_tower.rows(batch[features.ITEM_ID])
+    negatives = tf.constant([1, 2, 3, 3, 7], tf.int32)
+    got = float(model._sampled_softmax_loss(u, rows, negatives, batch[features.WEIGHT], training=False))
+    pool = np.concatenate([rows.numpy(), negatives.numpy()])
+    q = model.user_outputs(batch)[features.QUERY].numpy()
+    items = np.concatenate([np.zeros((1, q.shape[1]), np.float32), model.item_embeddings().numpy()])[pool]
+    probs = model.sampling_probability.numpy()[pool]
+    n, b = len(model.item_ids), len(pool) - 5
+    logits = q @ items.T / model.retrieval_temperature - np.log(b * probs + 5 / n)[None, :]
+    losses = []
+    for i in range(b):
+        keep = np.array([j == i or pool[j] != pool[i] for j in range(len(pool))])  # duplicates of the positive out
+        z = logits[i][keep]
+        target = logits[i, i]
+        losses.append(batch[features.WEIGHT].numpy()[i] * (np.log(np.exp(z - z.max()).sum()) + z.max() - target))
+    assert got == pytest.approx(float(np.mean(losses)), rel=1e-4)
+    # It trains: one step lowers the loss on the same batch.
+    import keras
+
+    keras.utils.set_random_seed(0)  # the uniform negatives
+    model.compile(keras.optimizers.Adam(0.05))
+    before = float(model.compute_losses(batch, training=False)["retrieval_loss"])
+    for _ in range(5):
+        model.train_on_batch(batch)
+    assert float(model.compute_losses(batch, training=False)["retrieval_loss"]) < before

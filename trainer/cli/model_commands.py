@@ -67,9 +67,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--history-layers", type=int, default=2, help="transformer blocks (default 2)")
     m.add_argument("--history-heads", type=int, default=2, help="attention heads (default 2)")
     m.add_argument("--history-dropout", type=float, default=0.2, help="transformer dropout (default 0.2)")
-    m.add_argument("--loss", choices=("auto", "full", "in_batch"), default="auto",
-                   help="retrieval loss: full-catalog softmax, in-batch softmax with logQ, or auto "
-                   "(full up to 50,000 items)")
+    m.add_argument("--loss", choices=("auto", "full", "sampled", "in_batch"), default="auto",
+                   help="retrieval loss: full-catalog softmax, a mixed pool (in-batch + 1024 uniform negatives, "
+                   "logQ-corrected), in-batch softmax with logQ, or auto (full up to 50,000 items, sampled beyond)")
     m.add_argument("--item-prior", choices=("segment", "global", "none"), default="segment",
                    help="learned item bias added to the score: per segment (default), global, or none")
     m.add_argument("--positions", choices=("auto", "all", "last"), default="auto",

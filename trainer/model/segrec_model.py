@@ -13,6 +13,13 @@ Loss = retrieval + alpha * (DEC KL + balance). The retrieval loss is either
 the item tower per slot); under the exclude repeat rule the user's history
 items are masked out of the softmax, as they are at ranking time; or
 
+`loss="sampled"`: for catalogs too big to embed every step, a softmax over a
+mixed pool (Yang et al., 2020, "Mixed Negative Sampling"): the batch's
+positives plus `sampled_negatives` items drawn uniformly from the catalog,
+each logit corrected by log of the candidate's expected count in the pool
+(B * p(item) + M / N: logQ for the mixture), the positive's duplicates
+masked; or
+
 `loss="in_batch"`: Retrieval(u, item(positive)), an in-batch softmax over
 scaled cosines with
   * logQ correction: logits - log p(item), p = the item's share of training
@@ -50,7 +57,7 @@ from trainer.model.segment_head import SegmentHead
 from trainer.model.text_encoder import TextEncoder
 from trainer.model.towers import MAX_TEXT_TOKENS, ItemTower, UserTower, item_tokens
 
-LOSSES = ("in_batch", "full")
+LOSSES = ("in_batch", "full", "sampled")
 ITEM_PRIORS = ("none", "global", "segment")
 COLD_QUERIES = ("centroid", "user")
 POSITIONS = ("last", "all")
@@ -125,6 +132,7 @@ class SegRecModel(keras.Model):
         profile; not the titles of recent items, which would leak a slot's
         target into its input).
       use_text: False: the user tower ignores user_text (an ablation).
+      sampled_negatives: loss "sampled": uniform negatives per step.
       item_prior: "none", "global" or "segment" (see the module doc).
       cold_query: a user with no known history item is served from their
         segment's centroid ("centroid") or from their own vector, text and
@@ -171,6 +179,7 @@ class SegRecModel(keras.Model):
         cold_query: str = "centroid",
         positions: str = "last",
         use_text: bool = True,
+        sampled_negatives: int = 1024,
         finetune_layers: int = 0,
         text_encoder: Optional[TextEncoder] = None,
         mixed_precision: bool = False,
@@ -227,6 +236,9 @@ class SegRecModel(keras.Model):
         self.cold_query = cold_query
         self.positions = positions
         self.use_text = bool(use_text)
+        self.sampled_negatives = int(sampled_negatives)
+        if self.sampled_negatives < 1:
+            raise ValueError(f"sampled_negatives must be >= 1, got {sampled_negatives}")
         self.finetune_layers = int(finetune_layers)
         self.mixed_precision = bool(mixed_precision)
         self.seed = seed
@@ -460,6 +472,10 @@ class SegRecModel(keras.Model):
             else:
                 u, _ = self.user_embedding(batch, training=training, item_table=table)
                 retrieval = self._full_softmax_loss(u, table, rows, history_rows, weights)
+        elif self.loss_kind == "sampled":
+            u, _ = self.user_embedding(batch, training=training)
+            negatives = tf.random.uniform([self.sampled_negatives], 1, len(self.item_ids) + 1, dtype=tf.int32)
+            retrieval = self._sampled_softmax_loss(u, rows, negatives, weights, training)
         else:
             u, _ = self.user_embedding(batch, training=training)
             candidates = self.item_tower.embed_rows(rows, training=training)
@@ -500,6 +516,25 @@ class SegRecModel(keras.Model):
         w = known if weights is None else known * weights
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.maximum(target_rows - 1, 0), logits=logits)
         return tf.reduce_sum(ce * w) / tf.maximum(tf.cast(tf.shape(u)[0], tf.float32), 1.0)
+
+    def _sampled_softmax_loss(self, u, target_rows, negative_rows, weights, training) -> tf.Tensor:
+        """Mixed-pool softmax: candidates = the batch's positives + `negative_rows` (uniform);
+        logits - log(B * p(item) + M / N); a positive's duplicates elsewhere in the pool masked."""
+        b = tf.shape(u)[0]
+        pool = tf.concat([target_rows, negative_rows], axis=0)  # [B + M]
+        vectors = self._items_with_prior(self.item_tower.embed_rows(pool, training=training), pool)
+        query = self._query_with_prior(u, tf.stop_gradient(self.segment_head(u)[0]))
+        logits = tf.matmul(query, vectors, transpose_b=True) / self.retrieval_temperature  # [B, B + M]
+        expected = (tf.cast(b, tf.float32) * tf.gather(self.sampling_probability, pool)
+                    + float(self.sampled_negatives) / float(len(self.item_ids)))
+        logits = logits - tf.math.log(expected)[None, :]
+        own = tf.one_hot(tf.range(b), tf.shape(pool)[0], on_value=True, off_value=False)
+        duplicate = tf.logical_and(tf.equal(target_rows[:, None], pool[None, :]), tf.logical_not(own))
+        logits = tf.where(duplicate, tf.constant(-1e9, logits.dtype), logits)
+        known = tf.cast(target_rows > 0, tf.float32)
+        w = known if weights is None else known * weights
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.range(b), logits=logits)
+        return tf.reduce_sum(ce * w) / tf.maximum(tf.cast(b, tf.float32), 1.0)
 
     def _every_position_loss(self, batch, table, target_rows, history_rows, weights, training):
         """(u [B, d] of slot 0, loss): the full-softmax loss of every slot.
@@ -641,6 +676,7 @@ class SegRecModel(keras.Model):
                 "cold_query": self.cold_query,
                 "positions": self.positions,
                 "use_text": self.use_text,
+                "sampled_negatives": self.sampled_negatives,
                 "finetune_layers": self.finetune_layers,
                 "text_encoder": (
                     None

@@ -49,7 +49,7 @@ from trainer.training import fit as training
 
 _LOG = logging.getLogger("segrec.train")
 
-FULL_SOFTMAX_MAX_ITEMS = 50_000  # loss "auto": a full catalog softmax up to this many items, in-batch beyond
+FULL_SOFTMAX_MAX_ITEMS = 50_000  # loss "auto": a full catalog softmax up to this many items, a mixed pool beyond
 MONITOR_BETA = 0.0  # the beta of train-time recall (early stopping) when --beta does not force one: no pull
 BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -76,7 +76,7 @@ class TrainConfig:
     history_layers: int = 2
     history_heads: int = 2
     history_dropout: float = 0.2
-    loss: str = "auto"  # auto (full when the catalog has <= FULL_SOFTMAX_MAX_ITEMS items) | full | in_batch
+    loss: str = "auto"  # auto (full up to FULL_SOFTMAX_MAX_ITEMS items, sampled beyond) | full | sampled | in_batch
     item_prior: str = "segment"  # segment | global | none
     cold_query: str = "user"  # user | centroid
     positions: str = "auto"  # auto | all | last (see positions_for)
@@ -109,7 +109,7 @@ class TrainConfig:
         if self.beta is not None and self.beta < 0:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
         for name, value, allowed in (("history_encoder", self.history_encoder, ("transformer", "mean")),
-                                     ("loss", self.loss, ("auto", "full", "in_batch")),
+                                     ("loss", self.loss, ("auto", "full", "sampled", "in_batch")),
                                      ("item_prior", self.item_prior, ("segment", "global", "none")),
                                      ("cold_query", self.cold_query, ("user", "centroid")),
                                      ("positions", self.positions, ("auto", "all", "last"))):
@@ -124,7 +124,7 @@ class TrainConfig:
         """The retrieval loss this run uses on a catalog of `num_items`."""
         if self.loss != "auto":
             return self.loss
-        return "full" if num_items <= FULL_SOFTMAX_MAX_ITEMS else "in_batch"
+        return "full" if num_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled"
 
     def positions_for(self, text_history: int, max_examples_per_user: int) -> str:
         """The trained positions on a dataset whose user_text folds in `text_history` recent titles and
