@@ -502,20 +502,25 @@ class SegRecModel(keras.Model):
         logits [B, N] = QUERY . item vectors / tau (prior included); targets
         outside the vocabulary (row 0) get weight 0; with exclude_seen the
         history items (other than the target) are masked out."""
-        n = len(self.item_ids)
-        query = self._query_with_prior(u, tf.stop_gradient(self.segment_head(u)[0]))
-        items = self._items_with_prior(table[1:], tf.range(1, n + 1, dtype=tf.int32))
-        logits = tf.matmul(query, items, transpose_b=True) / self.retrieval_temperature
-        if self.exclude_seen:
-            seen = tf.logical_and(history_rows > 0, history_rows != target_rows[:, None])
-            where = tf.where(seen)  # [M, 2]: (row, slot)
-            cols = tf.gather_nd(history_rows, where) - 1
-            idx = tf.stack([tf.cast(where[:, 0], tf.int32), cols], axis=1)
-            logits = tf.tensor_scatter_nd_update(logits, idx, tf.fill([tf.shape(idx)[0]], -1e9))
+        logits = self._catalog_logits(u, table, target_rows, history_rows)
         known = tf.cast(target_rows > 0, tf.float32)
         w = known if weights is None else known * weights
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.maximum(target_rows - 1, 0), logits=logits)
         return tf.reduce_sum(ce * w) / tf.maximum(tf.cast(tf.shape(u)[0], tf.float32), 1.0)
+
+    def _catalog_logits(self, users, table, targets, consumed) -> tf.Tensor:
+        """users [M, d] -> logits [M, N] = QUERY . item vectors / tau over the catalog (prior
+        included); with exclude_seen the table rows in `consumed` [M, H] (0: nothing) other than the
+        row's own target are masked out, as ranking removes them."""
+        n = len(self.item_ids)
+        query = self._query_with_prior(users, tf.stop_gradient(self.segment_head(users)[0]))
+        items = self._items_with_prior(table[1:], tf.range(1, n + 1, dtype=tf.int32))
+        logits = tf.matmul(query, items, transpose_b=True) / self.retrieval_temperature
+        if self.exclude_seen:
+            pos = tf.where(tf.logical_and(consumed > 0, consumed != targets[:, None]))  # [K, 2]: (row, slot)
+            idx = tf.stack([tf.cast(pos[:, 0], tf.int32), tf.gather_nd(consumed, pos) - 1], axis=1)
+            logits = tf.tensor_scatter_nd_update(logits, idx, tf.fill([tf.shape(idx)[0]], -1e9))
+        return logits
 
     def _sampled_softmax_loss(self, u, target_rows, negative_rows, weights, training) -> tf.Tensor:
         """Mixed-pool softmax: candidates = the batch's positives + `negative_rows` (uniform);
@@ -543,7 +548,6 @@ class SegRecModel(keras.Model):
         i - 1 (the one consumed right after it), each from the user vector of
         the history as it stood (slots i.., the transformer is causal) and
         ranked without the items consumed before it (exclude_seen)."""
-        n = len(self.item_ids)
         mask = history_rows > 0
         inputs = {
             "text_vector": self.text_vectors(batch, training=training),
@@ -560,16 +564,9 @@ class SegRecModel(keras.Model):
         ex_index, slot = tf.cast(where[:, 0], tf.int32), tf.cast(where[:, 1], tf.int32)
         flat_users = tf.gather_nd(users, where)
         flat_targets = tf.gather_nd(slot_targets, where)
-        query = self._query_with_prior(flat_users, tf.stop_gradient(self.segment_head(flat_users)[0]))
-        items = self._items_with_prior(table[1:], tf.range(1, n + 1, dtype=tf.int32))
-        logits = tf.matmul(query, items, transpose_b=True) / self.retrieval_temperature  # [M, N]
-        if self.exclude_seen:
-            hist = tf.gather(history_rows, ex_index)  # [M, H]
-            before = tf.range(tf.shape(hist)[1])[None, :] >= slot[:, None]  # consumed before the slot's target
-            seen = tf.logical_and(tf.logical_and(before, hist > 0), hist != flat_targets[:, None])
-            pos = tf.where(seen)
-            idx = tf.stack([tf.cast(pos[:, 0], tf.int32), tf.gather_nd(hist, pos) - 1], axis=1)
-            logits = tf.tensor_scatter_nd_update(logits, idx, tf.fill([tf.shape(idx)[0]], -1e9))
+        hist = tf.gather(history_rows, ex_index)  # [M, H]
+        before = tf.range(tf.shape(hist)[1])[None, :] >= slot[:, None]  # consumed before the slot's target
+        logits = self._catalog_logits(flat_users, table, flat_targets, tf.where(before, hist, tf.zeros_like(hist)))
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=flat_targets - 1, logits=logits)
         if weights is not None:
             ce = ce * tf.gather(weights, ex_index)
