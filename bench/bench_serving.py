@@ -60,8 +60,9 @@ def _cli(args: list, log) -> float:
     return round(time.perf_counter() - start, 1)
 
 
-def build(work: str, args) -> tuple:
-    """(version_dir, {step: seconds}) of the MiniLM run exported with ScaNN; reused when done."""
+def build(work: str, users: int, items: int, interactions: int, index: str = "scann") -> tuple:
+    """(version_dir, {step: seconds}) of a small generated MiniLM run exported with `index` (scann or
+    brute_force) as version 1 under <work>/models; reused when done. bench_soak builds the same way."""
     version_dir = os.path.join(work, "models", "segrec", "1")
     done = os.path.join(work, "build.json")
     if os.path.exists(done):
@@ -70,14 +71,14 @@ def build(work: str, args) -> tuple:
     raw, ds, run = (os.path.join(work, d) for d in ("raw", "ds", "run"))
     steps = {}
     with open(os.path.join(work, "build.log"), "w", encoding="utf-8") as log:
-        steps["generate"] = _cli(["generate", "--output-dir", raw, "--size", "small", "--users", str(args.users),
-                                  "--items", str(args.items), "--interactions", str(args.interactions)], log)
+        steps["generate"] = _cli(["generate", "--output-dir", raw, "--size", "small", "--users", str(users),
+                                  "--items", str(items), "--interactions", str(interactions)], log)
         steps["preprocess"] = _cli(["preprocess", "--input-dir", raw, "--output-dir", ds,
                                     "--max-examples-per-user", "2", "--text-history", "0"], log)
         steps["train"] = _cli(["train", "--dataset-dir", ds, "--output-dir", run, "--encoder", "minilm",
                                "--sequence-length", "64", "--epochs", "1", "--warmup-epochs", "0", "--quiet"], log)
         steps["export"] = _cli(["export", "--run-dir", run, "--base-path", os.path.join(work, "models"),
-                                "--index", "scann", "--version", "1"], log)
+                                "--index", index, "--version", "1"], log)
     with open(done, "w", encoding="utf-8") as f:
         json.dump(steps, f)
     return version_dir, steps
@@ -226,7 +227,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     work = args.work_dir or tempfile.mkdtemp(prefix="segrec-bench-serving-")
     os.makedirs(work, exist_ok=True)
-    version_dir, build_s = build(work, args)
+    version_dir, build_s = build(work, args.users, args.items, args.interactions)
     print(f"build: {build_s}", flush=True)
     base = os.path.join(work, "models")
     with open(os.path.join(version_dir, "model_card.md"), encoding="utf-8") as f:

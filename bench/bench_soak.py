@@ -54,8 +54,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -63,9 +61,9 @@ import urllib.request
 import numpy as np
 
 from bench import machine
+from bench.bench_serving import build  # the same small MiniLM run bench_serving measures
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "segrec"
 TEXT_CACHE_SIZE = 10000
 POLL_SECONDS = 1.0
@@ -90,36 +88,6 @@ BAD = {"k wrong dtype": ("INVALID_ARGUMENT",), "user_text wrong shape": ("INVALI
 
 
 # --- the run and its export ------------------------------------------------------------------------
-def _cli(args: list, log) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "trainer.cli"] + args, check=True, cwd=ROOT, stdout=log,
-                   stderr=subprocess.STDOUT, timeout=3600)
-    return round(time.perf_counter() - start, 1)
-
-
-def build(work: str, users: int = 600, items: int = 2000, interactions: int = 15000) -> tuple:
-    """(version_dir, {step: seconds}) of the MiniLM run exported with a brute-force index; reused when done."""
-    version_dir = os.path.join(work, "export", MODEL, "1")
-    done = os.path.join(work, "build.json")
-    if os.path.exists(done):
-        with open(done, encoding="utf-8") as f:
-            return version_dir, dict(json.load(f), reused=True)
-    raw, ds, run = (os.path.join(work, d) for d in ("raw", "ds", "run"))
-    steps = {}
-    with open(os.path.join(work, "build.log"), "w", encoding="utf-8") as log:
-        steps["generate"] = _cli(["generate", "--output-dir", raw, "--size", "small", "--users", str(users),
-                                  "--items", str(items), "--interactions", str(interactions)], log)
-        steps["preprocess"] = _cli(["preprocess", "--input-dir", raw, "--output-dir", ds,
-                                    "--max-examples-per-user", "2", "--text-history", "0"], log)
-        steps["train"] = _cli(["train", "--dataset-dir", ds, "--output-dir", run, "--encoder", "minilm",
-                               "--sequence-length", "64", "--epochs", "1", "--warmup-epochs", "0", "--quiet"], log)
-        steps["export"] = _cli(["export", "--run-dir", run, "--base-path", os.path.join(work, "export"),
-                                "--index", "brute_force", "--version", "1"], log)
-    with open(done, "w", encoding="utf-8") as f:
-        json.dump(steps, f)
-    return version_dir, steps
-
-
 def stage_versions(version_dir: str, base: str, versions: int) -> list:
     """A fresh <base>/segrec/1 (a copy of version_dir) and hidden copies .tmp-2 .. .tmp-<versions>,
     ready to publish; returns the hidden dirs in order."""
@@ -569,7 +537,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     work = args.work_dir or tempfile.mkdtemp(prefix="segrec-bench-soak-")
     os.makedirs(work, exist_ok=True)
-    version_dir, build_s = build(work, args.users, args.items, args.interactions)
+    version_dir, build_s = build(work, args.users, args.items, args.interactions, index="brute_force")
     print(f"build: {build_s}", flush=True)
     drill = soak(version_dir, work, args.minutes * 60.0, args.clients, args.swaps, args.think_ms, args.bad_rate,
                  args.rss_every, log=lambda m: print(m, flush=True))
