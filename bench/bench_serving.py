@@ -16,7 +16,14 @@ minilm --sequence-length 64`, 1 epoch) and exports it with a ScaNN index
       --batch-timeout-ms 5) and off (--max-batch-size 1) -> requests/s and
       the ratio; with batching on also with mixed knobs (each request its own
       k in 5..20 and beta in {0, 0.5, 1}), which share batches since k and
-      beta are per-row inputs.
+      beta are per-row inputs;
+  (c) today's path vs now: the same throughput against the run exported
+      with fixed padding (every text padded to 64 tokens, no text cache:
+      today's path), with length-aware padding, and with length-aware
+      padding + the text cache, for returning users and for texts never
+      sent before -> requests/s and the ratio to today's path.
+
+(a) and (b) run with the text cache off, so they time the model path.
 
 Latency is measured against both server configurations: the batcher is
 adaptive (a request that finds the model idle runs at once), so a lone
@@ -100,10 +107,12 @@ def _healthy(target: str) -> bool:
             return False
 
 
-def start_server(base: str, batch: int, timeout_ms: float, log_path: str):
+def start_server(base: str, batch: int, timeout_ms: float, log_path: str, text_cache_size: int = 0):
+    """`segrec serve` on a free port; the text cache is off unless asked (parts (a), (b) time the model)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "trainer.cli", "serve", "--model-base-path", base, "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch-size", str(batch), "--batch-timeout-ms", str(timeout_ms)]
+           "--port", str(port), "--max-batch-size", str(batch), "--batch-timeout-ms", str(timeout_ms),
+           "--text-cache-size", str(text_cache_size)]
     log = open(log_path, "w", encoding="utf-8")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     target = f"127.0.0.1:{port}"
@@ -210,6 +219,53 @@ def throughput(target: str, users: list, threads: int, per_thread: int, mixed: b
             "requests_per_s": round(total / seconds, 1), "latency": _pct(lat)}
 
 
+def fixed_padding_export(work: str) -> str:
+    """Today's path: the same run's weights with the encoder padding every text to sequence_length,
+    exported (ScaNN) as version 1 of <work>/models-fixed; reused when done."""
+    from bench.bench_text_tower import fixed_padding_run
+
+    base = os.path.join(work, "models-fixed")
+    if not os.path.exists(os.path.join(base, "segrec", "1", "export.json")):
+        run = fixed_padding_run(os.path.join(work, "run"), os.path.join(work, "run-fixed-padding"))
+        with open(os.path.join(work, "build.log"), "a", encoding="utf-8") as log:
+            _cli(["export", "--run-dir", run, "--base-path", base, "--index", "scann", "--version", "1"], log)
+    return base
+
+
+# (c): today's path against the length-aware export, without and with the text cache.
+PATHS = (("today: fixed padding, no cache", "fixed", 0), ("length-aware padding, no cache", "now", 0),
+         ("length-aware padding + text cache", "now", 100_000))
+
+
+def distinct_users(ids: list, n: int, seed: int = 1) -> list:
+    """n requests, each with a text never sent before (a cache cannot help) and 3 history ids."""
+    rng = np.random.default_rng(seed)
+    return [(f"{TEXTS[i % len(TEXTS)]}, member {i}", [str(x) for x in rng.choice(ids, size=3, replace=False)])
+            for i in range(n)]
+
+
+def compare_paths(work: str, bases: dict, users: list, fresh: list, threads: int, per_thread: int) -> dict:
+    """16-client throughput of each PATHS entry (batching on) with returning users and with new texts."""
+    out = {}
+    for name, which, cache in PATHS:
+        proc, log, target = start_server(bases[which], 64, 5.0, os.path.join(work, f"serve-{which}-{cache}.log"),
+                                         text_cache_size=cache)
+        try:
+            returning = throughput(target, users, threads, per_thread)
+            new = throughput(target, fresh, threads, per_thread)
+        finally:
+            rc = stop_server(proc, log)
+        out[name] = {"export": which, "text_cache_size": cache, "returning_users": returning, "new_texts": new,
+                     "sigterm_exit_code": rc}
+        print(f"{name}: returning {returning['requests_per_s']} req/s, new texts {new['requests_per_s']} req/s",
+              flush=True)
+    today = out[PATHS[0][0]]
+    for r in out.values():
+        for case in ("returning_users", "new_texts"):
+            r[case]["ratio_vs_today"] = round(r[case]["requests_per_s"] / today[case]["requests_per_s"], 3)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default=None, help="keep (and reuse) the run and export here")
@@ -265,6 +321,9 @@ def main(argv=None) -> dict:
                          "latency_p99_ratio_vs_in_process":
                              round(lat["p99_ms"] / result["in_process"]["p99_ms"], 3),
                          "throughput": thr, "sigterm_exit_code": rc}
+    fresh = distinct_users(ids, args.threads * args.per_thread)
+    result["paths"] = compare_paths(work, {"fixed": fixed_padding_export(work), "now": base}, users, fresh,
+                                    args.threads, args.per_thread)
     on, off = servers["batching on (64, 5 ms)"], servers["batching off (1)"]
     result["servers"] = servers
     result["throughput_ratio_on_vs_off"] = round(on["throughput"]["requests_per_s"] /
@@ -309,6 +368,22 @@ def main(argv=None) -> dict:
         lines.append(f"| {name} | {t['requests_per_s']:,.1f} | "
                      f"{t['requests_per_s'] / off['throughput']['requests_per_s']:.2f}x | {t['latency']['p50_ms']} | "
                      f"{t['latency']['p99_ms']} | {t['errors']} |")
+    n_req = args.threads * args.per_thread
+    lines += ["", f"## (c) Today's path vs length-aware padding and the text cache, {args.threads} client threads "
+              f"x {args.per_thread} requests, batching on (64, 5 ms)", "",
+              "Today's path: the same weights exported with the encoder padding every text to the sequence length "
+              "(64) and no text cache. Returning users: the 64 users above, cycled (8 distinct texts, so with the "
+              f"cache nearly every request skips the encoder). New texts: {n_req} requests whose texts were never "
+              "sent before (the cache cannot help; the gain is padding alone). Ratios are requests/s over today's "
+              "path with the same traffic.", "",
+              "| path | returning users req/s | ratio | p99 ms | new texts req/s | ratio | p99 ms | errors |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in result["paths"].items():
+        ru, nt = r["returning_users"], r["new_texts"]
+        lines.append(f"| {name} | {ru['requests_per_s']:,.1f} | {ru['ratio_vs_today']:.2f}x | {ru['latency']['p99_ms']} | "
+                     f"{nt['requests_per_s']:,.1f} | {nt['ratio_vs_today']:.2f}x | {nt['latency']['p99_ms']} | "
+                     f"{ru['errors'] + nt['errors']} |")
+    lines += ["", "Issue target: 16-client throughput >= 2.5x today's path."]
     machine.write_results(args.results_dir, "serving", result, lines)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)

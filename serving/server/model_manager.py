@@ -29,6 +29,7 @@ import time
 from typing import Callable, Mapping, Optional
 
 from serving.export import layout
+from serving.server import memory
 from serving.server import text_cache as tc
 from trainer.contracts import SAVED_MODEL
 from trainer.segments import document as segments_doc
@@ -261,6 +262,8 @@ class ModelManager:
         for v in gone:
             _drop_text_cache(snap.loaded[v])
             _LOG.info("unloaded version %d", v)
+        del snap, loaded  # the last references this thread holds; in-flight calls keep theirs
+        memory.release_unloaded()
         self._changed()
 
     def _publish(self, version: int, loaded: LoadedVersion) -> None:

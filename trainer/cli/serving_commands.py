@@ -89,6 +89,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace, beam_args) -> int:
     import os
 
+    from serving.server import memory
+
+    # Before TensorFlow is imported: oneDNN's weight caches outlive a swapped-out version (memory.py).
+    os.environ.setdefault(memory.ONEDNN_ENV, "0")
     from serving.server import app as server
     from serving.server import config as serve_config
 
