@@ -238,3 +238,31 @@ def test_sampled_softmax_is_the_logq_corrected_mixed_pool_cross_entropy(dataset_
     for _ in range(5):
         model.train_on_batch(batch)
     assert float(model.compute_losses(batch, training=False)["retrieval_loss"]) < before
+
+
+def test_empty_history_rate_blanks_whole_histories_in_training_only(dataset_dir, user_texts):
+    """A blanked row's query is exactly the new-user query (text + prior, no history); the others and
+    inference are untouched; rate 0 changes nothing."""
+    model, train, _ = _setup(dataset_dir, user_texts, empty_history_rate=0.5, seed=3)
+    batch = next(iter(train))
+    tf.random.set_seed(7)
+    trained, cold = model.user_embedding(batch, training=True)
+    served, served_cold = model.user_embedding(batch, training=False)
+    blank = dict(batch, **{features.HISTORY_ITEM_IDS: tf.fill(tf.shape(batch[features.HISTORY_ITEM_IDS]),
+                                                            features.PAD_ITEM_ID)})
+    new_user, _ = model.user_embedding(blank, training=False)
+    cold, served_cold = cold.numpy(), served_cold.numpy()
+    blanked = cold & ~served_cold  # rows with a history that training read as empty
+    assert 0 < blanked.sum() < len(cold), "about half the rows should be blanked"
+    np.testing.assert_allclose(trained.numpy()[blanked], new_user.numpy()[blanked], atol=1e-6)
+    np.testing.assert_allclose(trained.numpy()[~blanked], served.numpy()[~blanked], atol=1e-6)
+    # Inference never blanks; the rate is saved with the model.
+    again, _ = model.user_embedding(batch, training=False)
+    np.testing.assert_array_equal(again.numpy(), served.numpy())
+    assert SegRecModel.from_config(model.get_config()).empty_history_rate == 0.5
+    off, _, _ = _setup(dataset_dir, user_texts, seed=3)
+    a, _ = off.user_embedding(batch, training=True)
+    b, _ = off.user_embedding(batch, training=False)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="empty_history_rate"):
+        _setup(dataset_dir, user_texts, empty_history_rate=1.0)

@@ -67,6 +67,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--history-layers", type=int, default=2, help="transformer blocks (default 2)")
     m.add_argument("--history-heads", type=int, default=2, help="attention heads (default 2)")
     m.add_argument("--history-dropout", type=float, default=0.2, help="transformer dropout (default 0.2)")
+    m.add_argument("--empty-history-rate", type=float, default=0.0,
+                   help="share of training examples whose query reads no history, so brand-new users (text "
+                        "only) are served from what training saw (default 0)")
     m.add_argument("--loss", choices=("auto", "full", "sampled", "in_batch"), default="auto",
                    help="retrieval loss: full-catalog softmax, a mixed pool (in-batch + 1024 uniform negatives, "
                    "logQ-corrected), in-batch softmax with logQ, or auto (full up to 50,000 items, sampled beyond)")
@@ -107,6 +110,7 @@ def train_config(args: argparse.Namespace):
         segment_temperature=args.segment_temperature, retrieval_temperature=args.retrieval_temperature,
         user_id_buckets=args.user_id_buckets, history_encoder=args.history_encoder,
         history_layers=args.history_layers, history_heads=args.history_heads, history_dropout=args.history_dropout,
+        empty_history_rate=args.empty_history_rate,
         loss=args.loss, item_prior=args.item_prior, cold_query=args.cold_query, positions=args.positions, use_text=args.use_text, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience,
         recall_k=args.recall_k, seed=args.seed,

@@ -121,6 +121,10 @@ class SegRecModel(keras.Model):
       remove_accidental_hits, logq_correction: retrieval loss options.
       history_encoder, max_history, history_layers, history_heads,
         history_dropout: the user tower's history reader (see UserTower).
+      empty_history_rate: in training, the share of examples whose query
+        reads no history (text, id and prior only), so the tower also learns
+        to serve a brand-new user; the loss still ranks without what they
+        consumed. Not applied to positions="all"'s every-slot loss.
       loss: "full" (catalog softmax) or "in_batch" (see the module doc).
       exclude_seen: full softmax only: mask the history items out of each
         example's softmax (the exclude repeat rule).
@@ -173,6 +177,7 @@ class SegRecModel(keras.Model):
         history_layers: int = 2,
         history_heads: int = 2,
         history_dropout: float = 0.2,
+        empty_history_rate: float = 0.0,
         loss: str = "in_batch",
         exclude_seen: bool = True,
         item_prior: str = "none",
@@ -230,6 +235,9 @@ class SegRecModel(keras.Model):
         self.history_layers = int(history_layers)
         self.history_heads = int(history_heads)
         self.history_dropout = float(history_dropout)
+        self.empty_history_rate = float(empty_history_rate)
+        if not 0.0 <= self.empty_history_rate < 1.0:
+            raise ValueError(f"empty_history_rate must be in [0, 1), got {empty_history_rate}")
         self.loss_kind = loss
         self.exclude_seen = bool(exclude_seen)
         self.item_prior = item_prior
@@ -417,6 +425,9 @@ class SegRecModel(keras.Model):
         gathered from it instead of running the item tower per slot."""
         rows = self.item_tower.rows(batch[features.HISTORY_ITEM_IDS])
         mask = rows > 0  # PAD_ITEM_ID and unknown ids map to row 0
+        if training is True and self.empty_history_rate > 0:  # new users, as training sees them
+            keep = tf.random.uniform([tf.shape(rows)[0], 1]) >= self.empty_history_rate
+            mask = tf.logical_and(mask, keep)
         if item_table is not None:
             history = tf.gather(item_table, rows)
         else:
@@ -667,6 +678,7 @@ class SegRecModel(keras.Model):
                 "history_layers": self.history_layers,
                 "history_heads": self.history_heads,
                 "history_dropout": self.history_dropout,
+                "empty_history_rate": self.empty_history_rate,
                 "loss": self.loss_kind,
                 "exclude_seen": self.exclude_seen,
                 "item_prior": self.item_prior,

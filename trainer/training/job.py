@@ -76,6 +76,7 @@ class TrainConfig:
     history_layers: int = 2
     history_heads: int = 2
     history_dropout: float = 0.2
+    empty_history_rate: float = 0.0
     loss: str = "auto"  # auto (full up to FULL_SOFTMAX_MAX_ITEMS items, sampled beyond) | full | sampled | in_batch
     item_prior: str = "segment"  # segment | global | none
     cold_query: str = "user"  # user | centroid
@@ -117,6 +118,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {value!r}")
         if self.history_layers < 1 or self.history_heads < 1 or not 0 <= self.history_dropout < 1:
             raise ValueError("--history-layers and --history-heads must be >= 1, --history-dropout in [0, 1)")
+        if not 0 <= self.empty_history_rate < 1:
+            raise ValueError(f"--empty-history-rate must be in [0, 1), got {self.empty_history_rate}")
         if not self.beta_grid or any(b < 0 for b in self.beta_grid):
             raise ValueError(f"--beta-grid must hold one or more betas >= 0, got {self.beta_grid}")
 
@@ -191,6 +194,7 @@ def _model(config: TrainConfig, catalog, encoder: TextEncoder, num_segments: int
         retrieval_temperature=config.retrieval_temperature, finetune_layers=config.finetune_layers,
         history_encoder=config.history_encoder, max_history=max_history, history_layers=config.history_layers,
         history_heads=config.history_heads, history_dropout=config.history_dropout,
+        empty_history_rate=config.empty_history_rate,
         loss=config.loss_for(len(catalog.item_ids)), exclude_seen=rule == ex.REPEATS_EXCLUDE,
         item_prior=config.item_prior, cold_query=config.cold_query, positions=config.positions_for(text_history, max_examples_per_user),
         use_text=config.use_text,
