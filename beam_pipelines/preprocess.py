@@ -338,8 +338,12 @@ def run(config: PreprocessConfig, beam_args: Sequence[str] = ()) -> PreprocessSu
     # Every accepted interaction is one event of exactly one period (train, valid, or a test example).
     stats["balanced"] &= sum(stats["events"].values()) == stats["rows"].get("interactions", {}).get("accepted", 0)
     if not stats["balanced"]:
-        raise RuntimeError(f"row accounting does not balance (a segrec bug): {json.dumps(stats['rows'])}, "
-                           f"events per period {json.dumps(stats['events'])}")
+        # Rows vanished between reading and writing: a segrec bug, or a runner that lost data (the
+        # multi-process DirectRunner did at 10M rows: bench/results/scale_preprocess.md). Nothing is
+        # published: without stats.json and metadata.json the dir is not a dataset dir.
+        raise RuntimeError(f"row accounting does not balance, rows were lost between reading and writing (a segrec "
+                           f"bug or the runner's; {config.output_dir} is not a usable dataset dir): "
+                           f"{json.dumps(stats['rows'])}, events per period {json.dumps(stats['events'])}")
     outputs.write_text(_path(config, features.STATS_FILE), json.dumps(stats, indent=2, sort_keys=True) + "\n")
     outputs.write_text(_path(config, features.METADATA_FILE), json.dumps(_metadata(config, stats, runner, seconds), indent=2) + "\n")
     return PreprocessSummary(config.output_dir, stats, written_files(config.output_dir), seconds)

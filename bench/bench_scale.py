@@ -5,7 +5,9 @@
 
 preprocess: `segrec generate --size <size>` (10M interactions by default),
 then `segrec preprocess` over it on the multi-process DirectRunner
-(`--direct_num_workers N --direct_running_mode multi_processing`). Records
+(`--direct_num_workers N --direct_running_mode multi_processing`) and on the
+single-process one (`--preprocess-modes`). A run that fails is recorded
+with its exit code and error, not hidden. Records
 input rows/s, the peak RSS of the whole process tree (the CLI and its Beam
 worker processes, summed, sampled every 0.5 s) and of its largest process,
 and whether stats.json balances (every row read is accepted, filtered or
@@ -19,8 +21,8 @@ users/s, peak RSS and stats balance per size, and the growth of seconds and
 RSS from each size to the next, so whether the cost grows linearly is read
 off the table. Every command runs through the real CLI in a subprocess.
 
-Results: bench/results/scale.md (plus a JSON twin). Not a test: nothing
-asserts on time.
+Results: bench/results/scale_preprocess.md and scale_score.md (plus JSON
+twins). Not a test: nothing asserts on time.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ class TreeRss:
                 "processes": self.peak_processes}
 
 
-def run_cli(args: list, log_path: str) -> dict:
-    """`python -m trainer.cli <args>` in a subprocess: seconds, peak RSS; raises if it fails."""
+def run_cli(args: list, log_path: str, check: bool = True) -> dict:
+    """`python -m trainer.cli <args>` in a subprocess: seconds, peak RSS, exit code (raises if it fails and
+    `check`; else the last error line is returned as "error")."""
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ segrec {' '.join(args)}\n")
         log.flush()
@@ -97,34 +100,56 @@ def run_cli(args: list, log_path: str) -> dict:
         rc = proc.wait()
         seconds = time.perf_counter() - start
         rss = sampler.stop()
+    out = {"seconds": round(seconds, 2), "exit_code": rc, **rss}
     if rc != 0:
-        raise RuntimeError(f"segrec {args[0]} exited {rc}; see {log_path}")
-    return {"seconds": round(seconds, 2), **rss}
+        if check:
+            raise RuntimeError(f"segrec {args[0]} exited {rc}; see {log_path}")
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            lines = [x.strip() for x in f if x.strip()]
+        out["error"] = next((x for x in reversed(lines) if "Error" in x or "error:" in x), lines[-1] if lines else "")[:1500]
+    return out
 
 
 def _beam(workers: int) -> list:
     return ["--direct_num_workers", str(workers), "--direct_running_mode", "multi_processing"]
 
 
-def bench_preprocess(work: str, size: str, workers: int, log: str) -> dict:
-    raw, ds = os.path.join(work, f"raw-{size}"), os.path.join(work, f"ds-{size}")
+MODES = {"multi": lambda w: ("multi-process", _beam(w)), "single": lambda w: ("single-process", [])}
+
+
+def bench_preprocess(work: str, size: str, workers: int, modes: list, log: str) -> dict:
+    raw = os.path.join(work, f"raw-{size}")
     if not os.path.exists(os.path.join(raw, "generator.json")):
         gen = run_cli(["generate", "--size", size, "--output-dir", raw], log)
     else:
         gen = {"reused": True}
     print(f"generate {size}: {gen}", flush=True)
-    run = run_cli(["preprocess", "--input-dir", raw, "--output-dir", ds, "--overwrite"] + _beam(workers), log)
-    with open(os.path.join(ds, "stats.json"), encoding="utf-8") as f:
-        stats = json.load(f)
-    rows = stats["rows"]["interactions"]
-    out = {"size": size, "generate": gen, **run, "rows": {k: stats["rows"][k] for k in stats["rows"]},
-           "rows_per_s": round(rows["read"] / run["seconds"], 1),
-           "input_rows_all_tables": sum(v["read"] for v in stats["rows"].values()),
-           "examples": stats["examples"], "users": stats["users"], "items": stats["items"],
-           "balanced": stats["balanced"], "dataset_mib": round(_du(ds) / MIB, 1), "raw_mib": round(_du(raw) / MIB, 1)}
-    print(f"preprocess {size}: {rows['read']:,} rows in {run['seconds']:.0f}s = {out['rows_per_s']:,.0f} rows/s, "
-          f"peak RSS {run['peak_rss_tree_mib']:,.0f} MiB, balanced {stats['balanced']}", flush=True)
-    return out
+    runs = {}
+    for mode in modes:
+        name, beam_args = MODES[mode](workers)
+        if mode == "multi":
+            name += f" ({workers} workers)"
+        ds = os.path.join(work, f"ds-{size}-{mode}")
+        run = run_cli(["preprocess", "--input-dir", raw, "--output-dir", ds, "--overwrite"] + beam_args, log,
+                      check=False)
+        out = {"beam_args": beam_args, **run, "raw_mib": round(_du(raw) / MIB, 1)}
+        stats_path = os.path.join(ds, "stats.json")
+        if run["exit_code"] == 0 and os.path.exists(stats_path):
+            with open(stats_path, encoding="utf-8") as f:
+                stats = json.load(f)
+            out.update(rows=stats["rows"], examples=stats["examples"], users=stats["users"], items=stats["items"],
+                       balanced=stats["balanced"], dataset_mib=round(_du(ds) / MIB, 1))
+            read = stats["rows"]["interactions"]["read"]
+        else:
+            out["balanced"] = False
+            read = sum(1 for _ in open(os.path.join(raw, "interactions.csv"), "rb")) - 1
+        out["interaction_rows"] = read
+        out["rows_per_s"] = round(read / run["seconds"], 1)
+        runs[name] = out
+        print(f"preprocess {size} {name}: exit {run['exit_code']}, {read:,} rows in {run['seconds']:.0f}s = "
+              f"{out['rows_per_s']:,.0f} rows/s, peak RSS {run['peak_rss_tree_mib']:,.0f} MiB, "
+              f"balanced {out['balanced']} {out.get('error', '')[:300]}", flush=True)
+    return {"size": size, "generate": gen, "runs": runs}
 
 
 def _du(path: str) -> int:
@@ -186,22 +211,30 @@ def markdown(result: dict, argv_line: str) -> list:
              "(sampled every 0.5 s), and the largest single process.", "", machine.markdown(m), ""]
     pre = result.get("preprocess")
     if pre:
-        rows = pre["rows"]
         lines += [f"## Preprocess, `segrec generate --size {pre['size']}` -> `segrec preprocess`", "",
-                  "| step | seconds | input rows/s | peak RSS tree MiB | largest process MiB | processes |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| run | exit | seconds | input rows/s | peak RSS tree MiB | largest process MiB | processes | "
+                  "balanced |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         gen = pre["generate"]
         if not gen.get("reused"):
-            lines.append(f"| generate | {gen['seconds']} | | {gen['peak_rss_tree_mib']:,} | "
-                         f"{gen['peak_rss_largest_process_mib']:,} | {gen['processes']} |")
-        lines += [f"| preprocess | {pre['seconds']} | {pre['rows_per_s']:,.0f} | {pre['peak_rss_tree_mib']:,} | "
-                  f"{pre['peak_rss_largest_process_mib']:,} | {pre['processes']} |", "",
-                  "| table | read | accepted | filtered | dead-lettered | balanced |", "| --- | ---: | ---: | ---: | ---: | --- |"]
-        lines += [f"| {t} | {r['read']:,} | {r['accepted']:,} | {r['filtered']:,} | {r['dead_lettered']:,} | "
-                  f"{r['balanced']} |" for t, r in rows.items()]
-        lines += ["", f"Examples written: {', '.join(f'{k} {v:,}' for k, v in pre['examples'].items())}; "
-                  f"{pre['users']:,} users, {pre['items']:,} items; stats.json balanced: **{pre['balanced']}**. "
-                  f"Raw input {pre['raw_mib']:,} MiB, dataset dir {pre['dataset_mib']:,} MiB.", ""]
+            lines.append(f"| generate | 0 | {gen['seconds']} | | {gen['peak_rss_tree_mib']:,} | "
+                         f"{gen['peak_rss_largest_process_mib']:,} | {gen['processes']} | |")
+        for name, r in pre["runs"].items():
+            lines.append(f"| preprocess, {name} | {r['exit_code']} | {r['seconds']} | {r['rows_per_s']:,.0f} | "
+                         f"{r['peak_rss_tree_mib']:,} | {r['peak_rss_largest_process_mib']:,} | {r['processes']} | "
+                         f"{r['balanced']} |")
+        for name, r in pre["runs"].items():
+            if r.get("rows"):
+                lines += ["", f"{name}: rows by table", "",
+                          "| table | read | accepted | filtered | dead-lettered | balanced |",
+                          "| --- | ---: | ---: | ---: | ---: | --- |"]
+                lines += [f"| {t} | {x['read']:,} | {x['accepted']:,} | {x['filtered']:,} | {x['dead_lettered']:,} | "
+                          f"{x['balanced']} |" for t, x in r["rows"].items()]
+                lines += ["", f"Examples written: {', '.join(f'{k} {v:,}' for k, v in r['examples'].items())}; "
+                          f"{r['users']:,} users, {r['items']:,} items. Raw input {r['raw_mib']:,} MiB, dataset dir "
+                          f"{r['dataset_mib']:,} MiB."]
+            if r.get("error"):
+                lines += ["", f"{name} failed: `{r['error']}`"]
+        lines.append("")
     sc = result.get("score")
     if sc:
         lines += ["## Batch scoring with the MiniLM export, by number of users", "",
@@ -231,6 +264,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", default="10m", help="segrec generate --size for the preprocess run")
     parser.add_argument("--score-users", default="1000,10000,100000", help="comma-separated user counts")
     parser.add_argument("--parts", default="preprocess,score")
+    parser.add_argument("--preprocess-modes", default="multi,single", help="comma-separated: multi, single")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--work-dir", default=None, help="keep (and reuse) data and models here")
@@ -243,17 +277,24 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     result = {"benchmark": "scale runs", "date": datetime.date.today().isoformat(), "machine": machine.describe(),
               "workers": args.workers}
+    argv_line = ("python -m bench.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    # One results file per part (scale_preprocess, scale_score), so the parts can be run apart.
     if "preprocess" in parts:
-        result["preprocess"] = bench_preprocess(work, args.size, args.workers, log)
-        machine.write_results(args.results_dir, "scale", dict(result, seconds=time.perf_counter() - start),
-                              markdown(dict(result, seconds=time.perf_counter() - start), "partial"))
+        modes = [m.strip() for m in args.preprocess_modes.split(",") if m.strip()]
+        t0 = time.perf_counter()
+        part = dict(result, preprocess=bench_preprocess(work, args.size, args.workers, modes, log))
+        part["seconds"] = round(time.perf_counter() - t0, 1)
+        machine.write_results(args.results_dir, "scale_preprocess", part, markdown(part, argv_line))
+        result["preprocess"] = part["preprocess"]
     if "score" in parts:
         sizes = [int(s) for s in args.score_users.split(",") if s.strip()]
-        result["score"] = bench_score_curve(work, sizes, args.workers, args.seed, log)
+        t0 = time.perf_counter()
+        part = dict(result, score=bench_score_curve(work, sizes, args.workers, args.seed, log))
+        part["seconds"] = round(time.perf_counter() - t0, 1)
+        machine.write_results(args.results_dir, "scale_score", part, markdown(part, argv_line))
+        result["score"] = part["score"]
     result["seconds"] = round(time.perf_counter() - start, 1)
-    argv_line = "python -m bench.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine.write_results(args.results_dir, "scale", result, markdown(result, argv_line.strip()))
-    print(f"wrote {os.path.join(args.results_dir, 'scale.md')}", flush=True)
+    print(f"wrote scale_*.md in {args.results_dir}", flush=True)
     return result
 
 
