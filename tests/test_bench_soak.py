@@ -46,3 +46,7 @@ def test_soak_drill_swaps_without_errors(export_dir, tmp_path):
     rss = r["rss_mb"]
     assert rss["after_warmup"]["mb"] > 0 and rss["end"]["mb"] > 0 and rss["growth_pct"] is not None
     assert r["sigterm_exit_code"] == 0
+    # The swapped-out version was freed (nothing in the server kept it: serving/server/memory.py).
+    log = (tmp_path / "soak-serve.log").read_text()
+    assert "unloaded version 1" in log and "memory of the unloaded version(s) released" in log, log[-3000:]
+    assert "still referenced" not in log

@@ -109,8 +109,8 @@ def serve(config: ServeConfig, ready=None) -> int:
     """Runs until SIGTERM / SIGINT; returns 0 after draining."""
     server = Server(config)
     port = server.start()
-    snap = server.manager.snapshot
-    loaded = sorted(snap.loaded)
+    # Only the version numbers: a snapshot kept here would hold the first version for the server's life.
+    loaded = sorted(server.manager.snapshot.loaded)
     extra = "".join([f", REST :{config.rest_port}" if config.rest_port else "",
                      f", metrics :{config.metrics_port}" if config.metrics_port else ""])
     print(f"segrec serve: model {config.model_name!r} versions {loaded or 'none yet'} on "

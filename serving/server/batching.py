@@ -208,6 +208,9 @@ class Batcher:
             except Exception:  # noqa: BLE001  (a bug here must not end the worker)
                 _LOG.exception("a batch of %d requests failed outside the model", len(batch))
             finally:
+                # Drop the batch before waiting for the next one: an idle thread must not keep its last
+                # requests (and the model version they ran on) alive after a swap.
+                del batch
                 with self._cond:
                     self._executing -= 1
                     self._cond.notify_all()  # the model may be idle now: a waiting thread runs its batch

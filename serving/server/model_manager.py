@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Callable, Mapping, Optional
 
 from serving.export import layout
@@ -178,6 +179,10 @@ class ModelManager:
         self.labels = dict(labels or {})
         self._loader = loader
         self._on_change = on_change
+        # Unloaded versions not yet freed (an in-flight call or a batcher thread may still hold one):
+        # weak references, and the polls left to wait for them (see _release_unloaded).
+        self._unloaded: list = []
+        self._release_polls = 0
         self._lock = threading.Lock()
         self._snapshot = Snapshot(loaded={}, states={})
         self._tried: dict = {}  # version -> fingerprint last attempted
@@ -230,7 +235,35 @@ class ModelManager:
             _LOG.info("loaded version %d from %s in %.1fs", version, path, time.time() - start)
             self._publish(version, loaded)
         self._unload_unwanted(on_disk)
+        self._release_unloaded()
         return self._snapshot
+
+    RELEASE_POLLS = 30  # polls to wait for an unloaded version's last reference before giving up on it
+
+    def _forget(self, loaded: LoadedVersion) -> None:
+        """`loaded` is no longer served: its memory is handed back once nothing holds it."""
+        self._unloaded.append(weakref.ref(loaded))
+        self._release_polls = self.RELEASE_POLLS
+
+    def _release_unloaded(self) -> None:
+        """While unloaded versions are pending: collect garbage, clear TF's kernel cache and trim malloc
+        (serving/server/memory.py), each poll until every one of them is freed (their SavedModels hold
+        reference cycles, so only a collection frees them; an in-flight call may hold one a little longer).
+        Liveness is read before collecting, so the pass that sees the last one gone also collects it."""
+        if not self._unloaded:
+            return
+        alive = [r for r in self._unloaded if r() is not None]  # before collecting: see the docstring
+        done = memory.release_unloaded()
+        self._release_polls -= 1
+        if not alive:
+            _LOG.info("memory of the unloaded version(s) released: %s", done)
+        elif self._release_polls <= 0:
+            _LOG.warning("%d unloaded version(s) still referenced after %d polls; their memory stays in use",
+                         len(alive), self.RELEASE_POLLS)
+        else:
+            self._unloaded = alive
+            return
+        self._unloaded = []
 
     def _failed(self, on_disk: dict) -> set:
         """Versions whose load failed with the files now on disk (not retried until they change)."""
@@ -261,9 +294,9 @@ class ModelManager:
             self._snapshot = Snapshot(loaded=loaded, states=states)
         for v in gone:
             _drop_text_cache(snap.loaded[v])
+            self._forget(snap.loaded[v])
             _LOG.info("unloaded version %d", v)
-        del snap, loaded  # the last references this thread holds; in-flight calls keep theirs
-        memory.release_unloaded()
+        del snap, loaded  # this thread's last references; poll_once releases the memory next
         self._changed()
 
     def _publish(self, version: int, loaded: LoadedVersion) -> None:
@@ -275,6 +308,7 @@ class ModelManager:
         replaced = snap.loaded.get(version)
         if replaced is not None and replaced is not loaded:  # the version's saved_model.pb changed
             _drop_text_cache(replaced)
+            self._forget(replaced)
         self._changed()
 
     def _attach_text_cache(self, loaded: LoadedVersion) -> None:
