@@ -90,6 +90,16 @@ def score_once(raw: str, base: str, out: str, max_batch: int, workers: int, min_
             "users_per_model_s": round(users / model_s, 1) if model_s else None}
 
 
+def _runs_table(first: str, runs: dict, baseline: str) -> list:
+    """Markdown rows of score_once results with their ratio_vs_<baseline> columns."""
+    lines = [f"| {first} | model calls | mean batch | end-to-end s | users/s | ratio | model-call s | "
+             "users per model-call s | ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    return lines + [f"| {k} | {v['model_calls']} | {v['mean_batch']} | {v['seconds']} | {v['users_per_s']:,.1f} | "
+                    f"{v[f'ratio_vs_{baseline}']:.2f}x | {v['model_call_seconds']} | {v['users_per_model_s']} | "
+                    f"{v.get(f'model_ratio_vs_{baseline}', float('nan')):.2f}x |" for k, v in runs.items()]
+
+
 ENCODERS = {"minilm": "MiniLM-L6 (pretrained, frozen) user tower", "tiny": "tiny random-init BERT (the test encoder)"}
 
 
@@ -173,24 +183,11 @@ def main(argv=None) -> dict:
                 "Today's path: the same weights exported with the encoder padding every text to 128 tokens and "
                 f"no text cache; now: length-aware padding and the text cache. Both with adaptive batches (max {n}).",
                 "",
-                "| path | model calls | mean batch | end-to-end s | users/s | ratio | model-call s | "
-                "users per model-call s | ratio |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             ]
-            lines += [f"| {k_} | {v['model_calls']} | {v['mean_batch']} | {v['seconds']} | {v['users_per_s']:,.1f} | "
-                      f"{v['ratio_vs_today']:.2f}x | {v['model_call_seconds']} | {v['users_per_model_s']} | "
-                      f"{v.get('model_ratio_vs_today', float('nan')):.2f}x |" for k_, v in paths.items()]
+            lines += _runs_table("path", paths, "today")
             lines += ["", "Issue target: batch scoring users/s with MiniLM >= 3x today's path.", ""]
-        runs = both["batching"]
-        lines += [
-            f"## RunInference batching, {ENCODERS.get(encoder, encoder)}", "",
-            "| RunInference batching | model calls | mean batch | end-to-end s | users/s | ratio | "
-            "model-call s | users per model-call s | ratio |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        lines += [f"| {k_} | {v['model_calls']} | {v['mean_batch']} | {v['seconds']} | {v['users_per_s']:,.1f} | "
-                  f"{v['ratio_vs_one_at_a_time']:.2f}x | {v['model_call_seconds']} | {v['users_per_model_s']} | "
-                  f"{v.get('model_ratio_vs_one_at_a_time', float('nan')):.2f}x |" for k_, v in runs.items()]
+        lines += [f"## RunInference batching, {ENCODERS.get(encoder, encoder)}", ""]
+        lines += _runs_table("RunInference batching", both["batching"], "one_at_a_time")
         lines.append("")
     machine.write_results(args.results_dir, "score", result, lines)
     if not args.work_dir:
