@@ -206,8 +206,9 @@ def markdown(result: dict, argv_line: str) -> list:
     m = result["machine"]
     lines = ["# Scale runs: preprocess at 10M rows, batch scoring's cost curve", "",
              f"`{argv_line}`, {result['date']}, {result['seconds']:.0f}s in all. Every command ran through the "
-             "real CLI (`python -m trainer.cli ...`) in a subprocess on the multi-process DirectRunner "
-             f"({result['workers']} workers). Peak RSS: the CLI process and every Beam worker it started, summed "
+             "real CLI (`python -m trainer.cli ...`) in a subprocess on the DirectRunner (multi-process: "
+             f"{result['workers']} workers; single-process where the table says so). Peak RSS: the CLI process and "
+             "every Beam worker it started, summed "
              "(sampled every 0.5 s), and the largest single process.", "", machine.markdown(m), ""]
     pre = result.get("preprocess")
     if pre:
