@@ -2,7 +2,9 @@
 
 A swap holds two versions while the new one loads; after the old one is
 unloaded its memory must go back to the OS, or every server settles near two
-models' worth. Two things kept it (measured with a MiniLM export, see
+models' worth. Once nothing references the old version (the model manager
+waits for that: model_manager.ModelManager._release_unloaded), two things
+still kept its memory (measured with a MiniLM export, see
 bench/results/soak.md): oneDNN's caches of re-laid-out weights, which outlive
 the model they were made for, and glibc's malloc, which keeps freed pages in
 its arenas. So:
@@ -12,7 +14,7 @@ its arenas. So:
                         says otherwise: oneDNN's rewrites off; on CPUs
                         without AVX-512 they did not change serving latency
                         (bench/results/soak.md)
-    release_unloaded()  after a version is unloaded: collect garbage, clear
+    release_unloaded()  while an unloaded version is pending: collect garbage, clear
                         TensorFlow's kernel cache, hand free pages back
                         (malloc_trim; a no-op where libc has none)
 """
