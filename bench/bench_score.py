@@ -1,6 +1,7 @@
 """Batch scoring throughput: RunInference batching vs one user at a time, same run.
 
     python -m bench.bench_score [--users 3000] [--encoders minilm,tiny] [--workers 2] [--max-batch 256]
+                                [--text-histories 5,0]
 
 Generates a synthetic dataset, preprocesses it, trains a small model per
 encoder (the pretrained MiniLM-L6 user tower, frozen, and the tiny random-init
@@ -13,7 +14,11 @@ users scored per second end to end and per second of model calls, and their
 ratios to the baseline, in bench/results/score.md (plus a JSON twin). For
 MiniLM it also scores with today's path (issue 11's baseline: the same
 weights exported with fixed padding to 128 tokens, no text cache, adaptive
-batches) and records the adaptive run's ratio to it. Every
+batches) and records the adaptive run's ratio to it, once per
+`--text-histories` value: the recent titles `segrec preprocess
+--text-history` folds into user_text (5, the preprocess default: profile + 5
+titles, ~50-70 tokens; 0, the MovieLens recipe's: the profile alone, ~20
+tokens). The batching table uses the first. Every
 run pays the same fixed costs (reading, building queries, one model load per
 worker process). Not a test: nothing asserts on time.
 """
@@ -36,8 +41,9 @@ from trainer.cli import main as cli
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def build_model(work: str, users: int, encoder: str, seed: int) -> tuple:
-    """Generated raw input dir, and the exported model's base path."""
+def build_model(work: str, users: int, encoder: str, seed: int, text_history=None) -> tuple:
+    """Generated raw input dir, and the exported model's base path (preprocessed with `--text-history
+    text_history`, None: the preprocess default)."""
     from serving.export import exporter as export
 
     raw, ds, run, base = (os.path.join(work, n) for n in ("raw", "ds", "run", "models"))
@@ -45,8 +51,9 @@ def build_model(work: str, users: int, encoder: str, seed: int) -> tuple:
         synthetic.generate(synthetic.GenerateConfig(output_dir=raw, size="small", num_users=users,
                                                     num_items=400, num_interactions=users * 8, seed=seed))
         # Two training cut points per user keep the frozen encoder's text cache small on CPU.
+        text_flags = [] if text_history is None else ["--text-history", str(text_history)]
         assert cli.main(["preprocess", "--input-dir", raw, "--output-dir", ds, "--overwrite",
-                         "--max-examples-per-user", "2"]) == 0
+                         "--max-examples-per-user", "2"] + text_flags) == 0
         assert cli.main(["train", "--dataset-dir", ds, "--output-dir", run, "--encoder", encoder,
                          "--embedding-dim", "32", "--num-segments", "6", "--epochs", "1", "--warmup-epochs", "0",
                          "--batch-size", "128", "--patience", "0", "--quiet"]) == 0
@@ -103,40 +110,52 @@ def _runs_table(first: str, runs: dict, baseline: str) -> list:
 ENCODERS = {"minilm": "MiniLM-L6 (pretrained, frozen) user tower", "tiny": "tiny random-init BERT (the test encoder)"}
 
 
-def bench_encoder(args, work: str, encoder: str) -> dict:
+def bench_encoder(args, work: str, encoder: str, text_history: int, batching: bool = True) -> dict:
+    """{"batching": runs (when `batching`), "paths": today vs now (MiniLM only)} on data preprocessed with
+    `--text-history text_history`."""
     t0 = time.perf_counter()
-    raw, base = build_model(os.path.join(work, encoder), args.users, encoder, args.seed)
-    print(f"{encoder} model ready in {time.perf_counter() - t0:.0f}s: {base}", flush=True)
-    runs = {}
-    # Beam's BatchElements sizes batches adaptively between min and max (and never across bundles), so
-    # "max N" alone may run smaller batches; "min = max = N" pins the size.
-    n = args.max_batch
-    for name, min_batch, max_batch in (("one at a time", None, 1), (f"batched (adaptive, max {n})", None, n),
-                                       (f"batched (min = max = {n})", n, n)):
-        r = score_once(raw, base, os.path.join(work, encoder, "out"), max_batch, args.workers, min_batch)
-        runs[name] = r
-        print(f"{encoder} {name}: {r['users']:,} users in {r['seconds']:.1f}s = {r['users_per_s']:,.1f} users/s",
-              flush=True)
-    base_e2e, base_model = runs["one at a time"]["users_per_s"], runs["one at a time"]["users_per_model_s"]
-    for r in runs.values():
-        r["ratio_vs_one_at_a_time"] = round(r["users_per_s"] / base_e2e, 3)
-        if base_model and r["users_per_model_s"]:
-            r["model_ratio_vs_one_at_a_time"] = round(r["users_per_model_s"] / base_model, 3)
+    home = os.path.join(work, f"{encoder}-text{text_history}")
+    raw, base = build_model(home, args.users, encoder, args.seed, text_history)
+    print(f"{encoder} (text history {text_history}) model ready in {time.perf_counter() - t0:.0f}s: {base}",
+          flush=True)
+    out, n, result = os.path.join(home, "out"), args.max_batch, {}
+    if batching:
+        runs = {}
+        # Beam's BatchElements sizes batches adaptively between min and max (and never across bundles), so
+        # "max N" alone may run smaller batches; "min = max = N" pins the size.
+        for name, min_batch, max_batch in (("one at a time", None, 1), (f"batched (adaptive, max {n})", None, n),
+                                           (f"batched (min = max = {n})", n, n)):
+            r = score_once(raw, base, out, max_batch, args.workers, min_batch)
+            runs[name] = r
+            print(f"{encoder} {name}: {r['users']:,} users in {r['seconds']:.1f}s = {r['users_per_s']:,.1f} users/s",
+                  flush=True)
+        base_e2e, base_model = runs["one at a time"]["users_per_s"], runs["one at a time"]["users_per_model_s"]
+        for r in runs.values():
+            r["ratio_vs_one_at_a_time"] = round(r["users_per_s"] / base_e2e, 3)
+            if base_model and r["users_per_model_s"]:
+                r["model_ratio_vs_one_at_a_time"] = round(r["users_per_model_s"] / base_model, 3)
+        result["batching"] = runs
     if encoder != "minilm":
-        return {"batching": runs}
-    # Today's path (issue 11's baseline): fixed padding to 128 tokens, no text cache, adaptive batches.
-    today = score_once(raw, fixed_padding_base(os.path.join(work, encoder)), os.path.join(work, encoder, "out"), n,
-                       args.workers, text_cache_size=0)
-    print(f"{encoder} today's path: {today['users']:,} users in {today['seconds']:.1f}s = "
-          f"{today['users_per_s']:,.1f} users/s", flush=True)
-    now = runs[f"batched (adaptive, max {n})"]
+        return result
+    # Today's path (issue 11's baseline): fixed padding to 128 tokens, no text cache, adaptive batches,
+    # against now (length-aware padding + text cache, adaptive batches), back to back.
+    today = score_once(raw, fixed_padding_base(home), out, n, args.workers, text_cache_size=0)
+    now = score_once(raw, base, out, n, args.workers)
+    for name, r in (("today's path", today), ("now", now)):
+        print(f"{encoder} (text history {text_history}) {name}: {r['users']:,} users in {r['seconds']:.1f}s = "
+              f"{r['users_per_s']:,.1f} users/s", flush=True)
     paths = {"today: fixed padding (128), no text cache": today,
              "now: length-aware padding + text cache": now}
     for r in paths.values():
         r["ratio_vs_today"] = round(r["users_per_s"] / today["users_per_s"], 3)
         if today["users_per_model_s"] and r["users_per_model_s"]:
             r["model_ratio_vs_today"] = round(r["users_per_model_s"] / today["users_per_model_s"], 3)
-    return {"batching": runs, "paths": paths}
+    result["paths"] = paths
+    return result
+
+
+TEXTS = {5: "profile + 5 recent titles (`--text-history 5`, the preprocess default; ~50-70 tokens)",
+         0: "the profile alone (`--text-history 0`, the MovieLens recipe's; ~20 tokens)"}
 
 
 def main(argv=None) -> dict:
@@ -145,6 +164,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--encoders", default="minilm,tiny", help="comma-separated: minilm, tiny (default both)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--text-histories", default="5,0",
+                        help="comma-separated preprocess --text-history values (default 5,0); batching uses the first")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--work-dir", default=None, help="keep (and reuse) the data and models here")
     parser.add_argument("--results-dir", default=RESULTS)
@@ -152,7 +173,15 @@ def main(argv=None) -> dict:
 
     encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
     work = args.work_dir or tempfile.mkdtemp(prefix="segrec-bench-score-")
-    results = {e: bench_encoder(args, work, e) for e in encoders}
+    histories = [int(t) for t in args.text_histories.split(",") if t.strip()]
+    results = {}
+    for e in encoders:
+        results[e] = {"text_history": histories[0], **bench_encoder(args, work, e, histories[0])}
+        if e == "minilm":
+            results[e]["paths_by_text_history"] = {
+                str(t): (results[e]["paths"] if i == 0 else bench_encoder(args, work, e, t, batching=False)["paths"])
+                for i, t in enumerate(histories)}
+            del results[e]["paths"]
     n = args.max_batch
     runner = f"DirectRunner multi_processing, {args.workers} workers"
     result = {
@@ -172,21 +201,22 @@ def main(argv=None) -> dict:
         "(its inference_batch_latency_micro_secs), i.e. the user tower + index alone. Ratios are against "
         "one user per model call (max batch 1) in the same run. The exports pad each batch to its longest "
         "text's bucket (length-aware padding) and keep a text cache (100,000 entries); generated users' texts "
-        "(profile + 5 recent titles) are nearly all distinct, so the cache rarely hits and what the paths table "
-        "shows is padding's gain.", "",
+        "are nearly all distinct (the profile has age, gender, country, tier and signup year), so the cache "
+        "rarely hits and what the paths tables show is padding's gain.", "",
     ]
     for encoder, both in results.items():
-        paths = both.get("paths")
-        if paths:
+        for t, paths in both.get("paths_by_text_history", {}).items():
             lines += [
-                f"## Today's path vs now, {ENCODERS.get(encoder, encoder)}", "",
-                "Today's path: the same weights exported with the encoder padding every text to 128 tokens and "
-                f"no text cache; now: length-aware padding and the text cache. Both with adaptive batches (max {n}).",
+                f"## Today's path vs now, {ENCODERS.get(encoder, encoder)}, user_text = {TEXTS.get(int(t), t)}",
                 "",
+                "Today's path: the same weights exported with the encoder padding every text to 128 tokens and "
+                f"no text cache; now: length-aware padding and the text cache. Both with adaptive batches (max {n}), "
+                "run back to back.", "",
             ]
             lines += _runs_table("path", paths, "today")
             lines += ["", "Issue target: batch scoring users/s with MiniLM >= 3x today's path.", ""]
-        lines += [f"## RunInference batching, {ENCODERS.get(encoder, encoder)}", ""]
+        lines += [f"## RunInference batching, {ENCODERS.get(encoder, encoder)}, user_text = "
+                  f"{TEXTS.get(both['text_history'], both['text_history'])}", ""]
         lines += _runs_table("RunInference batching", both["batching"], "one_at_a_time")
         lines.append("")
     machine.write_results(args.results_dir, "score", result, lines)
