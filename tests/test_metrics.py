@@ -141,3 +141,21 @@ def test_bad_inputs_are_named():
         metrics.rank_targets(fn, 2, [0, 1], [[9], []])
     with pytest.raises(ValueError, match="ties"):
         metrics.rank_targets(fn, 2, [0, 1], ties="random")
+
+
+def test_train_time_selection_metrics_match_evaluate():
+    """Training picks epochs and beta with fit.metric_from_ranks; evaluate reports ranking.summarize:
+    on the same ranks they must give the same numbers, or the model is selected on something else."""
+    from trainer.training import fit
+
+    ranks = np.array([1, 3, 60, 10, 11, 2, 50, 51], np.float64)
+    s = metrics.summarize(_result_from_ranks(ranks), ks=(10, 50))
+    assert fit.metric_from_ranks(ranks, "ndcg@10") == pytest.approx(s["ndcg@10"])
+    assert fit.metric_from_ranks(ranks, "recall@10") == pytest.approx(s["recall@10"]) == 4 / 8
+    assert fit.metric_from_ranks(ranks, "recall@50") == pytest.approx(s["recall@50"]) == 6 / 8
+    assert fit.metric_from_ranks(np.array([1.0, 3.0, 60.0]), "ndcg@10") == pytest.approx(0.5)  # hand-worked above
+    assert fit.metric_from_ranks(np.zeros(0), "ndcg@10") == 0.0
+    assert fit.parse_selection_metric("recall@7") == ("recall", 7)
+    for bad in ("ndcg@5", "recall@0", "recall", "mrr", "ndcg@x"):
+        with pytest.raises(ValueError, match="recall@K"):
+            fit.parse_selection_metric(bad)

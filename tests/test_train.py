@@ -159,6 +159,14 @@ def test_bad_train_flags_are_user_errors(tmp_path, capsys):
     assert cli.main(["train", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"),
                      "--num-segments", "auto", "--warmup-epochs", "0"]) == 2
     assert "warmup" in capsys.readouterr().err
+    for bad in ("ndcg@5", "precision@10", "recall@0"):
+        assert cli.main(["train", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"),
+                         "--select-metric", bad]) == 2
+        assert "recall@K (K >= 1) or ndcg@10" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as both:  # --recall-k K is shorthand for --select-metric recall@K: one or the other
+        cli.main(["train", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"),
+                  "--select-metric", "ndcg@10", "--recall-k", "10"])
+    assert both.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -222,7 +230,7 @@ def test_segments_auto_picks_k_by_silhouette_and_records_the_sweep(dataset, tmp_
     run = tmp_path / "run"
     args = ["train", "--dataset-dir", str(dataset), "--output-dir", str(run), "--encoder", "tiny", "--embedding-dim", "8",
             "--num-segments", "auto", "--num-segments-range", "2-4", "--epochs", "1", "--warmup-epochs", "1", "--batch-size", "64",
-            "--quiet"]
+            "--select-metric", "ndcg@10", "--quiet"]
     assert cli.main(args) == 0
     sweep = json.loads((run / rd.SEGMENT_SWEEP).read_text())
     assert [k for k, _ in sweep["silhouette"]] == [2, 3, 4]
@@ -232,3 +240,11 @@ def test_segments_auto_picks_k_by_silhouette_and_records_the_sweep(dataset, tmp_
     assert json.loads((run / rd.METRICS).read_text())["segment_sweep"]["best_k"] == best
     assert sweep["split"] == "valid"  # the silhouette of the validation queries' embeddings
     assert json.loads((run / rd.METRICS).read_text())["selection"]["num_segments"]["chosen"] == best
+    # --select-metric ndcg@10: the epoch and beta were picked on validation NDCG@10, and said so.
+    metrics = json.loads((run / rd.METRICS).read_text())
+    sel = metrics["selection"]
+    assert sel["metric"] == "ndcg@10" and sel["checkpoint"]["monitor"] == "val_ndcg_at_10"
+    assert metrics["history"]["val_ndcg_at_10"] == sel["checkpoint"]["per_epoch"]
+    grid = dict((b, v) for b, v in sel["beta"]["grid"])
+    assert grid[sel["beta"]["chosen"]] == max(grid.values()) == metrics["final"]["ndcg@10"]
+    assert json.loads((run / rd.TRAIN_CONFIG).read_text())["select_metric"] == "ndcg@10"

@@ -109,7 +109,7 @@ def run(config: DemoConfig, echo=print) -> dict:
 
         tc = train.TrainConfig(dataset_dir=dataset_dir, output_dir=run_dir, encoder=config.encoder,
                                sequence_length=config.sequence_length, segments=config.segments,
-                               epochs=config.epochs, warmup_epochs=1, batch_size=128, recall_k=50,
+                               epochs=config.epochs, warmup_epochs=1, batch_size=128, select_metric="recall@50",
                                embedding_dim=32, seed=config.seed, patience=3)
         summary = train.train(tc, env={})
         echo(train.format_summary(summary, tc))

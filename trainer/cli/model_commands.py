@@ -89,10 +89,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--learning-rate", type=float, default=3e-3)
     t.add_argument("--patience", type=int, default=3,
-                   help="early-stopping patience on validation recall (0: off); the best validation epoch is kept")
-    t.add_argument("--recall-k", type=int, default=50,
-                   help="K of the validation Recall@K that picks the epoch, beta and (in evaluate) every baseline's "
-                        "hyper-parameters")
+                   help="early-stopping patience on the validation metric (0: off); the best validation epoch is kept")
+    select = t.add_mutually_exclusive_group()
+    select.add_argument("--select-metric", default=None, metavar="recall@K|ndcg@10",
+                        help="the validation metric that picks the epoch, beta and (in evaluate) every baseline's "
+                             "hyper-parameters (default recall@50)")
+    select.add_argument("--recall-k", type=int, default=None, metavar="K",
+                        help="shorthand for --select-metric recall@K")
     t.add_argument("--steps-per-epoch", type=int)
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto")
@@ -113,7 +116,7 @@ def train_config(args: argparse.Namespace):
         empty_history_rate=args.empty_history_rate,
         loss=args.loss, item_prior=args.item_prior, cold_query=args.cold_query, positions=args.positions, use_text=args.use_text, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience,
-        recall_k=args.recall_k, seed=args.seed,
+        select_metric=args.select_metric or f"recall@{args.recall_k or 50}", seed=args.seed,
         mixed_precision={"auto": None, "on": True, "off": False}[args.mixed_precision],
         text_cache=args.text_cache, steps_per_epoch=args.steps_per_epoch, verbose=0 if args.quiet else 1,
     )

@@ -76,7 +76,7 @@ class EvaluateConfig:
     baselines: tuple = ("popularity", "ease", "id_two_tower", "sasrec")
     baseline_params: tuple = ()  # ((name, {param: value}), ...); a tuned param given here is forced
     baseline_grids: tuple = ()  # ((name, (values...)), ...): overrides selection.TUNING's grids
-    selection_metric: Optional[str] = None  # default: recall@<the run's recall_k> (what chose segrec's epoch)
+    selection_metric: Optional[str] = None  # default: the run's select_metric (what chose segrec's epoch)
     truth_path: Optional[str] = None  # default: dataset_arrays.truth_path_for(dataset_dir)
     compare_run_dir: Optional[str] = None  # a second run: stability ARI of segment labels
     cold_max_history: int = 2
@@ -301,7 +301,8 @@ def run_evaluation(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     output_dir = config.output_dir or rd.path(config.run_dir, EVALUATION_DIR)
     beta = float(run.train_config.get("beta", 0.0) if config.beta is None else config.beta)
     ks = tuple(int(k) for k in config.ks)
-    metric = config.selection_metric or f"recall@{int(run.train_config.get('recall_k', 50))}"
+    metric = (config.selection_metric or run.train_config.get("select_metric")
+              or f"recall@{int(run.train_config.get('recall_k', 50))}")  # runs written before --select-metric
     rule = da.repeat_rule(dataset_dir)
     catalog = data.load_catalog(dataset_dir)
     events = da.load_events(dataset_dir)

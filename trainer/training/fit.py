@@ -1,6 +1,6 @@
 """The fit loop: optional retrieval-only warm-up, k-means init of the segment
-centroids, then joint training with Recall@K early stopping on the
-validation split; train-time recall and the beta grid.
+centroids, then joint training with early stopping on the validation
+split's Recall@K or NDCG@10; train-time ranking metrics and the beta grid.
 
 Run dirs, checkpoint files and the CLI live elsewhere; pass their callbacks in.
 """
@@ -70,6 +70,43 @@ def validation_ranks(
     return np.concatenate(out)
 
 
+SELECTION_METRICS = ("recall@K", "ndcg@10")
+
+
+def parse_selection_metric(metric: str) -> tuple:
+    """("recall", K) or ("ndcg", 10) from "recall@K" / "ndcg@10": the validation
+    measure that picks the epoch, beta and (in evaluate) every baseline's
+    hyper-parameters. NDCG is cut at 10 only, as evaluate reports it."""
+    name, _, k = str(metric).partition("@")
+    if name in ("recall", "ndcg") and k.isdigit() and int(k) >= 1 and (name == "recall" or int(k) == 10):
+        return name, int(k)
+    raise ValueError(f"the selection metric must be recall@K (K >= 1) or ndcg@10, got {metric!r}")
+
+
+def metric_from_ranks(ranks: np.ndarray, metric: str) -> float:
+    """recall@K = share of ranks <= K; ndcg@K = mean(1/log2(rank+1) for ranks <= K, else 0)
+    (one relevant item per query, ideal DCG 1), as `segrec evaluate` computes them. 0.0 for no ranks."""
+    name, k = parse_selection_metric(metric)
+    if not ranks.size:
+        return 0.0
+    if name == "recall":
+        return float(np.mean(ranks <= k))
+    return float(np.mean(np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)))
+
+
+def validation_metric(
+    model: SegRecModel,
+    queries: da.RankedQueries,
+    metric: str = "recall@10",
+    beta: float = 0.0,
+    text_cache=None,
+    batch_size: int = 512,
+) -> float:
+    """`metric` (recall@K or ndcg@10) of the validation queries, ranked by
+    `validation_ranks`: the number `segrec evaluate` would report for this split."""
+    return metric_from_ranks(validation_ranks(model, queries, beta, text_cache, batch_size), metric)
+
+
 def recall_at_k(
     model: SegRecModel,
     queries: da.RankedQueries,
@@ -81,42 +118,53 @@ def recall_at_k(
     """Recall@K of the validation queries: the share of main queries whose
     target ranks in the top K (`validation_ranks`); the number `segrec
     evaluate` would report for this split. 0.0 with no main queries."""
-    ranks = validation_ranks(model, queries, beta, text_cache, batch_size)
-    return float(np.mean(ranks <= k)) if ranks.size else 0.0
+    return validation_metric(model, queries, f"recall@{k}", beta, text_cache, batch_size)
 
 
-class RecallAtK(keras.callbacks.Callback):
-    """Adds `val_recall_at_{k}` (validation split, repeat rule applied) to the
-    epoch logs, for EarlyStopping and the best checkpoint."""
+class ValidationMetric(keras.callbacks.Callback):
+    """Adds `val_recall_at_{k}` or `val_ndcg_at_10` (validation split, repeat
+    rule applied) to the epoch logs, for EarlyStopping and the best checkpoint."""
 
-    def __init__(self, queries: da.RankedQueries, k: int = 10, beta: float = 0.0, text_cache=None,
+    def __init__(self, queries: da.RankedQueries, metric: str = "recall@10", beta: float = 0.0, text_cache=None,
                  batch_size: int = 512):
         super().__init__()
         if queries.split_name == ex.EVAL:
-            raise ValueError("train-time recall runs on the validation split, never on test (eval)")
+            raise ValueError("train-time selection runs on the validation split, never on test (eval)")
+        parse_selection_metric(metric)
         self.queries = queries
-        self.k = k
+        self.metric = metric
         self.beta = beta
         self.text_cache = text_cache
         self.batch_size = batch_size
 
     @property
     def monitor(self) -> str:
-        return f"val_recall_at_{self.k}"
+        return "val_" + self.metric.replace("@", "_at_")
 
     def on_epoch_end(self, epoch, logs=None):
-        value = recall_at_k(self.model, self.queries, self.k, self.beta, self.text_cache, self.batch_size)
+        value = validation_metric(self.model, self.queries, self.metric, self.beta, self.text_cache, self.batch_size)
         if logs is not None:
             logs[self.monitor] = value
 
 
-def choose_beta(model: SegRecModel, queries: da.RankedQueries, grid, k: int, text_cache=None,
+class RecallAtK(ValidationMetric):
+    """ValidationMetric("recall@K"): adds `val_recall_at_{k}` to the epoch logs."""
+
+    def __init__(self, queries: da.RankedQueries, k: int = 10, beta: float = 0.0, text_cache=None,
+                 batch_size: int = 512):
+        super().__init__(queries, f"recall@{k}", beta, text_cache, batch_size)
+        self.k = k
+
+
+def choose_beta(model: SegRecModel, queries: da.RankedQueries, grid, metric="recall@50", text_cache=None,
                 batch_size: int = 512) -> tuple:
-    """(best beta, [(beta, recall@k)]) over `grid` on the validation queries;
-    ties go to the smaller beta."""
+    """(best beta, [(beta, metric)]) over `grid` on the validation queries;
+    `metric` is "recall@K", "ndcg@10" or an int K (recall@K). Ties go to the smaller beta."""
     if queries.split_name == ex.EVAL:
         raise ValueError("beta is chosen on the validation split, never on test (eval)")
-    curve = [(float(b), recall_at_k(model, queries, k, float(b), text_cache, batch_size)) for b in sorted(grid)]
+    metric = f"recall@{metric}" if isinstance(metric, (int, np.integer)) else metric
+    curve = [(float(b), validation_metric(model, queries, metric, float(b), text_cache, batch_size))
+             for b in sorted(grid)]
     best = max(curve, key=lambda bv: (bv[1], -bv[0]))[0]
     return best, curve
 
@@ -158,6 +206,7 @@ def fit(
     valid_queries: Optional[da.RankedQueries] = None,
     text_cache=None,
     beta: float = 0.0,
+    select_metric: Optional[str] = None,
 ) -> dict:
     """Trains a compiled model; returns the merged history {metric: [per epoch]}.
 
@@ -167,8 +216,9 @@ def fit(
     3. `epochs` more epochs with the clustering loss at `model.alpha`;
        `valid_ds` (the validation split's batches) gives val_loss, and with
        `valid_queries` (da.load_queries of the validation split) and
-       `recall_k` the logs get val_recall_at_{k}; with `patience` training
-       stops when it stops improving (best weights restored).
+       `recall_k` the logs get val_recall_at_{k} (or, with `select_metric`
+       "ndcg@10", val_ndcg_at_10); with `patience` training stops when it
+       stops improving (best weights restored).
     """
     if model.optimizer is None:
         raise ValueError("compile the model (model.compile(optimizer)) before fit()")
@@ -190,8 +240,9 @@ def fit(
     model.cluster_weight.assign(model.alpha)
 
     cbs = []
-    if valid_queries is not None and recall_k:
-        recall = RecallAtK(valid_queries, k=recall_k, beta=beta, text_cache=text_cache)
+    if valid_queries is not None and (recall_k or select_metric):
+        recall = ValidationMetric(valid_queries, select_metric or f"recall@{recall_k}", beta=beta,
+                                  text_cache=text_cache)
         cbs.append(recall)
         if patience is not None:
             cbs.append(

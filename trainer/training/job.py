@@ -10,11 +10,11 @@ Everything training tunes is chosen on the validation split; the test split
   3. segments: `--num-segments auto` picks K by a silhouette sweep over the
      validation queries' user embeddings (recorded in segment_sweep.json),
      then centroids := k-means of user embeddings;
-  4. joint training: retrieval + alpha * clustering loss, Recall@K on the
-     validation split each epoch (the dataset's repeat rule, the ranking
+  4. joint training: retrieval + alpha * clustering loss, the selection
+     metric (--select-metric: Recall@K or NDCG@10) on the validation split each epoch (the dataset's repeat rule, the ranking
      `segrec evaluate` uses), early stopping, best weights kept; Keras'
      BackupAndRestore resumes mid-phase from checkpoints/main/;
-  5. beta: unless --beta forces one, the beta of the best validation Recall@K
+  5. beta: unless --beta forces one, the beta of the best validation metric
      over `beta_grid` becomes the run's beta (train_config.json, the export's
      default);
   6. artefacts: model weights, metrics.json (with "selection": what was
@@ -87,7 +87,7 @@ class TrainConfig:
     batch_size: int = 256
     learning_rate: float = 3e-3
     patience: int = 3
-    recall_k: int = 50
+    select_metric: str = "recall@50"  # recall@K | ndcg@10: picks the epoch, beta and evaluate's baselines' settings
     seed: int = 42
     mixed_precision: Optional[bool] = None  # None: on when a GPU is present
     text_cache: Optional[str] = None  # reuse a cache file built by an earlier run
@@ -100,9 +100,10 @@ class TrainConfig:
         lo, hi = self.segments_range
         if not 2 <= lo <= hi:
             raise ValueError(f"--segments-range must satisfy 2 <= lo <= hi, got {self.segments_range}")
-        for name in ("epochs", "batch_size", "embedding_dim", "sequence_length", "recall_k"):
+        for name in ("epochs", "batch_size", "embedding_dim", "sequence_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        training.parse_selection_metric(self.select_metric)
         if self.warmup_epochs < 0 or self.finetune_layers < 0 or self.patience < 0:
             raise ValueError("--warmup-epochs, --finetune-layers and --patience must be >= 0")
         if self.segments == "auto" and self.warmup_epochs < 1:
@@ -310,8 +311,8 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         training.init_segments(model, train_ds, batches=50)
     model.cluster_weight.assign(config.alpha)
 
-    # Phase 4: joint training with early stopping and the best checkpoint on validation Recall@K.
-    recall = training.RecallAtK(valid_queries, k=config.recall_k, beta=config.monitor_beta, text_cache=cache)
+    # Phase 4: joint training with early stopping and the best checkpoint on the validation metric.
+    recall = training.ValidationMetric(valid_queries, config.select_metric, beta=config.monitor_beta, text_cache=cache)
     callbacks = [
         recall,
         # double_checkpoint: a process killed while writing the backup leaves the previous one to resume from.
@@ -330,16 +331,16 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
 
     # Phase 5: beta on validation (unless forced).
     if config.beta is None:
-        beta, beta_curve = training.choose_beta(model, valid_queries, config.beta_grid, config.recall_k, cache)
-        _LOG.info("beta: %g chosen on validation (recall@%d by beta: %s)", beta, config.recall_k, beta_curve)
+        beta, beta_curve = training.choose_beta(model, valid_queries, config.beta_grid, config.select_metric, cache)
+        _LOG.info("beta: %g chosen on validation (%s by beta: %s)", beta, config.select_metric, beta_curve)
     else:
         beta = float(config.beta)
-        beta_curve = [(beta, training.recall_at_k(model, valid_queries, config.recall_k, beta, cache))]
+        beta_curve = [(beta, training.validation_metric(model, valid_queries, config.select_metric, beta, cache))]
     best = dict(beta_curve)[beta]
     monitored = history.get(recall.monitor, [])
     metrics = {
         "history": history,
-        "final": {f"recall@{config.recall_k}": best, "beta": beta, "split": ex.VALID},
+        "final": {config.select_metric: best, "beta": beta, "split": ex.VALID},
         "epochs_run": len(history.get("loss", [])),
         "selection": selection_record(config, rule, valid_queries, monitored, recall.monitor, beta, beta_curve, sweep),
         "throughput_examples_per_s": {"mean": float(np.mean(throughput.rates)) if throughput.rates else None,
@@ -370,7 +371,7 @@ def selection_record(config: TrainConfig, rule: str, valid_queries, monitored, m
     return {
         "split": ex.VALID,
         "repeats": rule,
-        "metric": f"recall@{config.recall_k}",
+        "metric": config.select_metric,
         "queries": {"ranked": int(valid_queries.candidates.main.sum()),
                     "repeat_targets": int(valid_queries.candidates.repeat.sum()),
                     "unknown_target": int(valid_queries.unknown_target)},
@@ -447,7 +448,7 @@ def format_summary(summary: TrainSummary, config: TrainConfig) -> str:
     return "\n".join([
         f"train finished in {summary.seconds:.1f}s -> {summary.run_dir}",
         f"  epochs run {summary.epochs_run}   segments {summary.num_segments}   "
-        f"validation recall@{config.recall_k} {summary.best_recall:.4f} (beta {summary.beta:g})   "
+        f"validation {config.select_metric} {summary.best_recall:.4f} (beta {summary.beta:g})   "
         f"throughput {rate:,.0f} examples/s ({m['throughput_examples_per_s']['encoder']} encoder)",
         f"  model     {rd.path(summary.run_dir, rd.WEIGHTS)}",
         f"  segments  {rd.path(summary.run_dir, rd.SEGMENTS)}",
