@@ -70,9 +70,6 @@ def validation_ranks(
     return np.concatenate(out)
 
 
-SELECTION_METRICS = ("recall@K", "ndcg@10")
-
-
 def parse_selection_metric(metric: str) -> tuple:
     """("recall", K) or ("ndcg", 10) from "recall@K" / "ndcg@10": the validation
     measure that picks the epoch, beta and (in evaluate) every baseline's
@@ -156,13 +153,12 @@ class RecallAtK(ValidationMetric):
         self.k = k
 
 
-def choose_beta(model: SegRecModel, queries: da.RankedQueries, grid, metric="recall@50", text_cache=None,
+def choose_beta(model: SegRecModel, queries: da.RankedQueries, grid, metric: str = "recall@50", text_cache=None,
                 batch_size: int = 512) -> tuple:
     """(best beta, [(beta, metric)]) over `grid` on the validation queries;
-    `metric` is "recall@K", "ndcg@10" or an int K (recall@K). Ties go to the smaller beta."""
+    `metric` is "recall@K" or "ndcg@10". Ties go to the smaller beta."""
     if queries.split_name == ex.EVAL:
         raise ValueError("beta is chosen on the validation split, never on test (eval)")
-    metric = f"recall@{metric}" if isinstance(metric, (int, np.integer)) else metric
     curve = [(float(b), validation_metric(model, queries, metric, float(b), text_cache, batch_size))
              for b in sorted(grid)]
     best = max(curve, key=lambda bv: (bv[1], -bv[0]))[0]
