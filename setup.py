@@ -50,6 +50,8 @@ EXTRAS_REQUIRE = {
     "vertex": ["google-cloud-aiplatform>=1.60"],
     "dev": [
         "pytest>=8",
+        # `make test` runs the suite in TEST_WORKERS processes, one test file per process.
+        "pytest-xdist>=3.6",
         "hypothesis>=6.100",
         # The Vertex AI job spec is tested with the library's own types.
         "google-cloud-aiplatform>=1.60",
