@@ -16,9 +16,8 @@ MiniLM it also scores with today's path (issue 11's baseline: the same
 weights exported with fixed padding to 128 tokens, no text cache, adaptive
 batches) and records the adaptive run's ratio to it, once per
 `--text-histories` value: the recent titles `segrec preprocess
---text-history` folds into user_text (5, the preprocess default: profile + 5
-titles, ~50-70 tokens; 0, the MovieLens recipe's: the profile alone, ~20
-tokens). The batching table uses the first; --skip-batching leaves it out
+--text-history` folds into user_text (5: profile + 5 titles, ~50-70 tokens;
+0, the preprocess default: the profile alone, ~20 tokens). The batching table uses the first; --skip-batching leaves it out
 (larger --users, today vs now only: bench/results/score_10k.md). Every
 run pays the same fixed costs (reading, building queries, one model load per
 worker process). Not a test: nothing asserts on time.
@@ -156,8 +155,8 @@ def bench_encoder(args, work: str, encoder: str, text_history: int, batching: bo
     return result
 
 
-TEXTS = {5: "profile + 5 recent titles (`--text-history 5`, the preprocess default; ~50-70 tokens)",
-         0: "the profile alone (`--text-history 0`, the MovieLens recipe's; ~20 tokens)"}
+TEXTS = {5: "profile + 5 recent titles (`--text-history 5`; ~50-70 tokens)",
+         0: "the profile alone (`--text-history 0`, the preprocess default; ~20 tokens)"}
 
 
 def main(argv=None) -> dict:

@@ -3,8 +3,8 @@
     python -m bench.bench_text_tower [--ml100k PATH] [--work-dir DIR] [--requests 100]
 
 Builds a MiniLM run on MovieLens 100K (`segrec preprocess --source ml-100k
---max-examples-per-user 10`, user_text = profile + 5 recent titles as by
-default; `segrec train --encoder minilm`, sequence length 128 (the default),
+--max-examples-per-user 10 --text-history 5`, user_text = profile + 5 recent
+titles, the longest texts segrec meets; `segrec train --encoder minilm`, sequence length 128 (the default),
 4 epochs) and exports it four times with a brute-force index, so only the
 encoder differs:
 
@@ -85,7 +85,7 @@ def build(work: str, args) -> tuple:
     with open(os.path.join(work, "build.log"), "a", encoding="utf-8") as log:
         if not os.path.exists(os.path.join(run, "model.weights.h5")):
             steps["preprocess"] = _cli(["preprocess", "--source", "ml-100k", "--input-dir", args.ml100k,
-                                        "--output-dir", ds, "--max-examples-per-user", "10"], log)
+                                        "--output-dir", ds, "--max-examples-per-user", "10", "--text-history", "5"], log)
             steps["train"] = _cli(["train", "--dataset-dir", ds, "--output-dir", run, "--encoder", "minilm",
                                    "--sequence-length", str(args.sequence_length), "--epochs", "4",
                                    "--warmup-epochs", "1", "--embedding-dim", "64", "--num-segments", "8",
@@ -238,7 +238,7 @@ def markdown(result: dict, args) -> list:
         f"`python -m bench.bench_text_tower`, {result['date']}, {result['seconds']}s in all (build: "
         + ", ".join(f"{k} {v}s" for k, v in result["build_seconds"].items() if k != "reused")
         + ("; reused from an earlier --work-dir, not counted" if result["build_seconds"].get("reused") else "")
-        + "). MovieLens 100K (`--max-examples-per-user 10`, user_text = profile + 5 recent titles), MiniLM-L6 "
+        + "). MovieLens 100K (`--max-examples-per-user 10 --text-history 5`, user_text = profile + 5 recent titles), MiniLM-L6 "
         f"run (sequence length {result['sequence_length']}, 4 epochs, d=64, 8 segments), exported four times "
         "with a brute-force index; in-process `serving_default` (k=[10], beta=[0.5]), the four exports "
         "interleaved call by call. Ratios are p50 / the fixed-padding float32 p50 of the same case.", "",

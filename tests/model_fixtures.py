@@ -22,6 +22,7 @@ GROUPS = {
     "music": ["Acoustic Guitar", "Drum Kit", "Piano Book", "Violin", "Guitar Strings", "Metronome", "Ukulele", "Microphone"],
     "kitchen": ["Chef Knife", "Frying Pan", "Stock Pot", "Cutting Board", "Spatula", "Blender", "Kettle", "Whisk"],
 }
+FIXTURE_TEXT_HISTORY = 5  # titles folded into these fixtures' user texts (preprocess --text-history 5)
 PROFILES = {
     "outdoor": "loves hiking and camping",
     "music": "plays guitar in a band",
@@ -103,7 +104,7 @@ def write_dataset(root: str, users: int = 30, per_user: int = 5, seed: int = 0, 
         age = 20 + rng.randrange(40)
         for t, target in enumerate(seq):
             history = list(reversed(seq[:t]))[: features.MAX_HISTORY]
-            recent = "; ".join(title[i] for i in history[: features.TEXT_HISTORY])
+            recent = "; ".join(title[i] for i in history[:FIXTURE_TEXT_HISTORY])
             text = f"age {age}, {PROFILES[g]}. recent: {recent}"
             ex = example(uid, text, history, target, timestamp=1000 + t, weight=1.0 + (t % 2))
             split = "train" if t < per_user else ("valid" if valid and t == per_user else "eval")

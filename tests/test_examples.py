@@ -19,7 +19,7 @@ def test_history_is_strictly_earlier_most_recent_first_and_deduplicated():
 
 def test_leave_last_one_split_and_no_leak():
     events = [E("a", 10), E("b", 20), E("c", 30), E("d", 40)]
-    out, skipped = ex.build_user_examples("u1", events, {"age": "30"}, TITLES, ex.ExamplePolicy())
+    out, skipped = ex.build_user_examples("u1", events, {"age": "30"}, TITLES, ex.ExamplePolicy(text_history=5))
     assert skipped == 0
     train = [e for s, e in out if s == ex.TRAIN]
     valid = [e for s, e in out if s == ex.VALID]
@@ -35,6 +35,9 @@ def test_leave_last_one_split_and_no_leak():
     assert "d" not in valid[0][F.HISTORY_ITEM_IDS]
     assert train[1][F.USER_TEXT] == "user: age 30. recent: Alpha."
     assert evals[0][F.USER_TEXT] == "user: age 30. recent: Gamma; Beta; Alpha."
+    # The default policy keeps user_text to the profile (--text-history 0).
+    out, _ = ex.build_user_examples("u1", events, {"age": "30"}, TITLES, ex.ExamplePolicy())
+    assert {e[F.USER_TEXT] for _, e in out} == {"user: age 30."}
 
 
 def test_leave_last_n_validation_and_test_periods():

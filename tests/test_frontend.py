@@ -122,14 +122,14 @@ def test_existing_user_gets_titled_items_outside_their_history(api):
 
 
 @pytest.mark.integration
-def test_typed_profile_becomes_user_text_like_preprocessing(api):
+def test_typed_profile_becomes_user_text_like_preprocessing(api, export_dir):
     items = api.get("/api/items", params={"q": "a", "limit": 3}).json()["items"]
     liked = [i["item_id"] for i in items]
     profile = {"occupation": "engineer", "age": "31"}
     r = recommend(api, profile=profile, liked=liked + liked[:1], k=5, beta=0.5)  # a duplicate is dropped
-    titles = [i["title"] for i in items]
-    assert r["query"]["user_text"] == examples.user_text(profile, titles)
-    assert r["query"]["user_text"].startswith("user: age 31, occupation engineer. recent: ")
+    # The dataset was preprocessed with the default --text-history 0: the profile alone, as in training.
+    assert json.loads((pathlib.Path(dataset_dir_of(export_dir)) / "metadata.json").read_text())["split"]["text_history"] == 0
+    assert r["query"]["user_text"] == examples.user_text(profile, []) == "user: age 31, occupation engineer."
     assert [h["item_id"] for h in r["query"]["history"]] == liked
     assert len(r["items"]) == 5 and not set(liked) & {i["item_id"] for i in r["items"]}
     cold = recommend(api, profile={}, liked=[], k=5, beta=0.5)  # a cold user: the segment's centroid
@@ -251,8 +251,10 @@ def test_typed_query_bounds_history_and_text_titles():
     liked = [f"i{n}" for n in range(80)]
     text, history = frontend.typed_query({"b": "2", "a": "1", "empty": " "}, liked + ["i0"], titles)
     assert history == liked[: F.MAX_HISTORY]
-    # Profile in sorted key order, blank values dropped, the TEXT_HISTORY most recent titles.
-    assert text == "user: a 1, b 2. recent: " + "; ".join(f"Title {n}" for n in range(F.TEXT_HISTORY)) + "."
+    # Profile in sorted key order, blank values dropped; by default (TEXT_HISTORY 0) no titles.
+    assert F.TEXT_HISTORY == 0 and text == "user: a 1, b 2."
+    text, _ = frontend.typed_query({"b": "2", "a": "1"}, liked, titles, text_history=5)
+    assert text == "user: a 1, b 2. recent: " + "; ".join(f"Title {n}" for n in range(5)) + "."
     # A dataset preprocessed with other bounds (metadata.json) is followed.
     text, history = frontend.typed_query({}, liked, titles, max_history=3, text_history=1)
     assert (text, history) == ("user: unknown. recent: Title 0.", liked[:3])

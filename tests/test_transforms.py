@@ -87,7 +87,7 @@ def test_build_examples_uses_titles_and_profile_and_applies_user_minimum():
     with TestPipeline() as p:
         titles_pc = p | "Titles" >> beam.Create(list(titles.items()))
         out = p | beam.Create(grouped) | beam.ParDo(
-            T.BuildExamples(ex.ExamplePolicy(), min_user_interactions=2), titles=beam.pvalue.AsDict(titles_pc)
+            T.BuildExamples(ex.ExamplePolicy(text_history=5), min_user_interactions=2), titles=beam.pvalue.AsDict(titles_pc)
         ).with_outputs(T.TRAIN, T.VALID, T.EVAL, T.EVENTS, T.COUNTS)
         assert_that(out[T.TRAIN] | beam.Map(lambda e: (e[F.ITEM_ID], tuple(e[F.HISTORY_ITEM_IDS]))),
                     equal_to([("i1", ())]), label="train")

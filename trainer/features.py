@@ -58,7 +58,8 @@ SEGMENT_PROBS = "segment_probs"  # [B, K] float32
 
 # --- Limits shared by preprocessing and serving ------------------------------
 MAX_HISTORY = 50  # history_item_ids kept per example (most recent first)
-TEXT_HISTORY = 5  # recent item titles folded into user_text
+TEXT_HISTORY = 0  # recent item titles folded into user_text (0: the profile alone; the history
+# encoder reads those items already, and a short text keeps the BERT pass short: ~20 tokens, not ~60)
 PAD_ITEM_ID = ""  # padding value of history_item_ids in dense batches
 
 # --- Dataset dir layout -------------------------------------------------------
