@@ -62,7 +62,8 @@ def _train_eval(dataset: str, run: str, args, segments, id_epochs, compare_run=N
     settings = dict(dataset_dir=dataset, output_dir=run, encoder=args.encoder,
                     sequence_length=args.sequence_length, embedding_dim=args.embedding_dim,
                     segments=segments, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                    batch_size=args.batch_size, learning_rate=args.learning_rate, select_metric=args.select_metric,
+                    batch_size=args.batch_size, learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+                    weight_decay=args.weight_decay, select_metric=args.select_metric,
                     retrieval_temperature=args.retrieval_temperature,
                     patience=args.patience, beta=args.beta if beta is None else beta,
                     alpha=args.alpha, steps_per_epoch=args.steps_per_epoch, text_cache=text_cache,
@@ -181,6 +182,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--select-metric", default="recall@50",
                    help="validation metric that picks epochs, beta and the baselines' settings: recall@K | ndcg@10")

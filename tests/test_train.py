@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -50,7 +51,7 @@ def test_train_writes_a_complete_run_dir(trained):
     # The chosen beta is the run's beta (evaluate and export read it from train_config.json).
     config = json.loads((trained / rd.TRAIN_CONFIG).read_text())
     assert config["beta"] == sel["beta"]["chosen"] == metrics["final"]["beta"] and config["beta_requested"] is None
-    assert config["repeats"] == "exclude"
+    assert config["repeats"] == "exclude" and config["lr_schedule"] == "cosine"  # the default
     assert metrics["throughput_examples_per_s"]["mean"] > 0
     segments = json.loads((trained / rd.SEGMENTS).read_text())
     assert segments["num_segments"] == 4 and len(segments["segments"]) == 4
@@ -163,6 +164,9 @@ def test_bad_train_flags_are_user_errors(tmp_path, capsys):
         assert cli.main(["train", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"),
                          "--select-metric", bad]) == 2
         assert "recall@K (K >= 1) or ndcg@10" in capsys.readouterr().err
+    for flag, value in (("--weight-decay", "-0.1"), ("--learning-rate", "0")):
+        assert cli.main(["train", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"), flag, value]) == 2
+        assert "--weight-decay >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as both:  # --recall-k K is shorthand for --select-metric recall@K: one or the other
         cli.main(["train", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"),
                   "--select-metric", "ndcg@10", "--recall-k", "10"])
@@ -230,7 +234,7 @@ def test_segments_auto_picks_k_by_silhouette_and_records_the_sweep(dataset, tmp_
     run = tmp_path / "run"
     args = ["train", "--dataset-dir", str(dataset), "--output-dir", str(run), "--encoder", "tiny", "--embedding-dim", "8",
             "--num-segments", "auto", "--num-segments-range", "2-4", "--epochs", "1", "--warmup-epochs", "1", "--batch-size", "64",
-            "--select-metric", "ndcg@10", "--quiet"]
+            "--select-metric", "ndcg@10", "--lr-schedule", "constant", "--weight-decay", "1e-4", "--quiet"]
     assert cli.main(args) == 0
     sweep = json.loads((run / rd.SEGMENT_SWEEP).read_text())
     assert [k for k, _ in sweep["silhouette"]] == [2, 3, 4]
@@ -247,4 +251,23 @@ def test_segments_auto_picks_k_by_silhouette_and_records_the_sweep(dataset, tmp_
     assert metrics["history"]["val_ndcg_at_10"] == sel["checkpoint"]["per_epoch"]
     grid = dict((b, v) for b, v in sel["beta"]["grid"])
     assert grid[sel["beta"]["chosen"]] == max(grid.values()) == metrics["final"]["ndcg@10"]
-    assert json.loads((run / rd.TRAIN_CONFIG).read_text())["select_metric"] == "ndcg@10"
+    config = json.loads((run / rd.TRAIN_CONFIG).read_text())
+    assert (config["select_metric"], config["lr_schedule"], config["weight_decay"]) == ("ndcg@10", "constant", 1e-4)
+
+
+def test_the_optimizer_follows_lr_schedule_and_weight_decay():
+    import keras
+
+    from trainer.training import job
+
+    config = job.TrainConfig(dataset_dir="d", output_dir="o", epochs=3, warmup_epochs=1, steps_per_epoch=10,
+                             learning_rate=0.01, lr_schedule="constant")
+    steps = job.total_train_steps(config, num_train_examples=10_000)
+    assert steps == 40  # (1 warm-up + 3 joint epochs) x 10 steps: --steps-per-epoch wins over the data size
+    assert job.total_train_steps(dataclasses.replace(config, steps_per_epoch=None), 1000) == 4 * 4  # ceil(1000 / 256)
+    constant = job._optimizer(config, steps)
+    assert type(constant) is keras.optimizers.Adam and float(constant.learning_rate) == pytest.approx(0.01)
+    cosine = job._optimizer(dataclasses.replace(config, lr_schedule="cosine", weight_decay=1e-3), steps)
+    assert isinstance(cosine, keras.optimizers.AdamW) and cosine.weight_decay == pytest.approx(1e-3)
+    schedule = cosine._learning_rate
+    assert [float(schedule(s)) for s in (0, 20, 40)] == pytest.approx([0.01, 0.005, 0.0], abs=1e-7)

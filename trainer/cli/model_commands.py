@@ -88,6 +88,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup-epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--learning-rate", type=float, default=3e-3)
+    t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine decay of --learning-rate to 0 over every warm-up and joint-training step of "
+                        "--epochs (default), or constant")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (0: Adam)")
     t.add_argument("--patience", type=int, default=3,
                    help="early-stopping patience on the validation metric (0: off); the best validation epoch is kept")
     select = t.add_mutually_exclusive_group()
@@ -115,7 +119,8 @@ def train_config(args: argparse.Namespace):
         history_layers=args.history_layers, history_heads=args.history_heads, history_dropout=args.history_dropout,
         empty_history_rate=args.empty_history_rate,
         loss=args.loss, item_prior=args.item_prior, cold_query=args.cold_query, positions=args.positions, use_text=args.use_text, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+        weight_decay=args.weight_decay, patience=args.patience,
         select_metric=args.select_metric or f"recall@{args.recall_k or 50}", seed=args.seed,
         mixed_precision={"auto": None, "on": True, "off": False}[args.mixed_precision],
         text_cache=args.text_cache, steps_per_epoch=args.steps_per_epoch, verbose=0 if args.quiet else 1,

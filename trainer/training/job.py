@@ -86,6 +86,8 @@ class TrainConfig:
     warmup_epochs: int = 1
     batch_size: int = 256
     learning_rate: float = 3e-3
+    lr_schedule: str = "cosine"  # cosine (decays to 0 over warm-up + epochs) | constant
+    weight_decay: float = 0.0  # > 0: AdamW's decoupled weight decay
     patience: int = 3
     select_metric: str = "recall@50"  # recall@K | ndcg@10: picks the epoch, beta and evaluate's baselines' settings
     seed: int = 42
@@ -114,9 +116,13 @@ class TrainConfig:
                                      ("loss", self.loss, ("auto", "full", "sampled", "in_batch")),
                                      ("item_prior", self.item_prior, ("segment", "global", "none")),
                                      ("cold_query", self.cold_query, ("user", "centroid")),
-                                     ("positions", self.positions, ("auto", "all", "last"))):
+                                     ("positions", self.positions, ("auto", "all", "last")),
+                                     ("lr_schedule", self.lr_schedule, ("constant", "cosine"))):
             if value not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, got {value!r}")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ValueError(f"--learning-rate must be > 0 and --weight-decay >= 0, got {self.learning_rate}, "
+                             f"{self.weight_decay}")
         if self.history_layers < 1 or self.history_heads < 1 or not 0 <= self.history_dropout < 1:
             raise ValueError("--history-layers and --history-heads must be >= 1, --history-dropout in [0, 1)")
         if not 0 <= self.empty_history_rate < 1:
@@ -184,7 +190,8 @@ def _text_cache(config: TrainConfig, encoder: TextEncoder, texts, out_dir: str) 
 
 def _model(config: TrainConfig, catalog, encoder: TextEncoder, num_segments: int, mixed: bool,
            rule: str = ex.REPEATS_EXCLUDE, max_history: int = features.MAX_HISTORY,
-           text_history: int = features.TEXT_HISTORY, max_examples_per_user: int = 0) -> SegRecModel:
+           text_history: int = features.TEXT_HISTORY, max_examples_per_user: int = 0,
+           train_steps: int = 1) -> SegRecModel:
     text_dim = int(encoder.compute_output_shape((None,))[-1])
     model = SegRecModel.from_catalog(
         catalog,
@@ -201,8 +208,26 @@ def _model(config: TrainConfig, catalog, encoder: TextEncoder, num_segments: int
         use_text=config.use_text,
         text_encoder=encoder, mixed_precision=mixed, seed=config.seed,
     )
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+    model.compile(optimizer=_optimizer(config, train_steps))
     return model
+
+
+def _optimizer(config: TrainConfig, train_steps: int) -> keras.optimizers.Optimizer:
+    """Adam (AdamW when --weight-decay > 0) at --learning-rate, constant or decayed to 0 by a cosine
+    over `train_steps` (every step of warm-up and joint training). The schedule reads the optimizer's
+    step counter, which BackupAndRestore restores: a resumed run continues the same curve."""
+    lr = config.learning_rate
+    if config.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=max(int(train_steps), 1))
+    if config.weight_decay > 0:
+        return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay)
+    return keras.optimizers.Adam(lr)
+
+
+def total_train_steps(config: TrainConfig, num_train_examples: int) -> int:
+    """Optimizer steps of a run that goes to its last epoch: (warm-up + joint epochs) x steps per epoch."""
+    per_epoch = config.steps_per_epoch or -(-int(num_train_examples) // config.batch_size)
+    return (config.warmup_epochs + config.epochs) * max(per_epoch, 1)
 
 
 class _Throughput(keras.callbacks.Callback):
@@ -265,9 +290,10 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         cache = _text_cache(config, encoder, texts, out_dir) if config.finetune_layers == 0 else None
         k0 = config.segments if isinstance(config.segments, int) else config.segments_range[0]
         policy = da.metadata(config.dataset_dir).get("split", {})
+        steps = total_train_steps(config, int(da.metadata(config.dataset_dir).get("examples", {}).get(ex.TRAIN, 0)))
         model = _model(config, catalog, encoder, k0, mixed, rule, int(policy.get("max_history", features.MAX_HISTORY)),
                        int(policy.get("text_history", features.TEXT_HISTORY)),
-                       int(policy.get("max_examples_per_user", 0)))
+                       int(policy.get("max_examples_per_user", 0)), train_steps=steps)
 
     def dataset(split, shuffle):
         return data_lib.make_dataset(config.dataset_dir, split, config.batch_size, shuffle=shuffle, seed=config.seed,
@@ -305,7 +331,7 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         if sweep["best_k"] != model.num_segments:
             with strategy.scope():
                 model = model.with_num_segments(sweep["best_k"])
-                model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
+                model.compile(optimizer=_optimizer(config, steps))
     resuming = tf.io.gfile.exists(rd.path(backup_dir, "training_metadata.json"))
     if not resuming:
         training.init_segments(model, train_ds, batches=50)
