@@ -141,7 +141,8 @@ def _throughput(dataset: str, run: str, args, steps: int) -> dict:
         encoder = train.build_encoder(tc, [])
         model = train._model(tc, catalog, encoder, 8, False, da.repeat_rule(dataset),
                              int(policy.get("max_history", 50)), int(policy.get("text_history", 0)),
-                             int(policy.get("max_examples_per_user", 0)))
+                             int(policy.get("max_examples_per_user", 0)),
+                             train_steps=3 + args.throughput_steps)  # the warm-up call, then the timed steps
         ds = data_lib.make_dataset(dataset, "train", args.batch_size, shuffle=True, seed=0, text_cache=cache, repeat=True)
         model.fit(ds, epochs=1, steps_per_epoch=3, verbose=0)  # trace/warm up
         t0 = time.perf_counter()

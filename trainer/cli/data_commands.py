@@ -80,7 +80,9 @@ def add_query_args(q) -> None:
     """How a user's events become query features (history length, titles in
     user_text, implicit positives): shared by preprocess, score and refresh."""
     q.add_argument("--max-history", type=int, default=None, help="history items kept per query (default 50)")
-    q.add_argument("--text-history", type=int, default=None, help="recent item titles folded into user_text after the profile (default 0: the profile alone; the history encoder reads those items, and short texts keep the BERT pass cheap)")
+    q.add_argument("--text-history", type=int, default=None,
+                   help="recent item titles folded into user_text after the profile (default 0: the profile "
+                        "alone; the history encoder reads those items, and short texts keep the BERT pass cheap)")
     q.add_argument("--min-rating", type=float, help="implicit positives: keep ratings >= this")
 
 

@@ -190,8 +190,8 @@ def _text_cache(config: TrainConfig, encoder: TextEncoder, texts, out_dir: str) 
 
 def _model(config: TrainConfig, catalog, encoder: TextEncoder, num_segments: int, mixed: bool,
            rule: str = ex.REPEATS_EXCLUDE, max_history: int = features.MAX_HISTORY,
-           text_history: int = features.TEXT_HISTORY, max_examples_per_user: int = 0,
-           train_steps: int = 1) -> SegRecModel:
+           text_history: int = features.TEXT_HISTORY, max_examples_per_user: int = 0, *,
+           train_steps: int) -> SegRecModel:
     text_dim = int(encoder.compute_output_shape((None,))[-1])
     model = SegRecModel.from_catalog(
         catalog,
@@ -289,8 +289,9 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         encoder = build_encoder(config, texts)
         cache = _text_cache(config, encoder, texts, out_dir) if config.finetune_layers == 0 else None
         k0 = config.segments if isinstance(config.segments, int) else config.segments_range[0]
-        policy = da.metadata(config.dataset_dir).get("split", {})
-        steps = total_train_steps(config, int(da.metadata(config.dataset_dir).get("examples", {}).get(ex.TRAIN, 0)))
+        metadata = da.metadata(config.dataset_dir)
+        policy = metadata.get("split", {})
+        steps = total_train_steps(config, int(metadata.get("examples", {}).get(ex.TRAIN, 0)))
         model = _model(config, catalog, encoder, k0, mixed, rule, int(policy.get("max_history", features.MAX_HISTORY)),
                        int(policy.get("text_history", features.TEXT_HISTORY)),
                        int(policy.get("max_examples_per_user", 0)), train_steps=steps)
