@@ -253,6 +253,12 @@ def test_segments_auto_picks_k_by_silhouette_and_records_the_sweep(dataset, tmp_
     assert grid[sel["beta"]["chosen"]] == max(grid.values()) == metrics["final"]["ndcg@10"]
     config = json.loads((run / rd.TRAIN_CONFIG).read_text())
     assert (config["select_metric"], config["lr_schedule"], config["weight_decay"]) == ("ndcg@10", "constant", 1e-4)
+    # The model rebuilt for K got a fresh optimizer whose step counter (the schedule's clock) carried on from
+    # the warm-up: (1 warm-up + 1 joint epoch) x ceil(train examples / 64); Keras's TF backend also counts
+    # the step that finds the data exhausted, hence the + 1 per epoch at most. A restarted counter gives ~half.
+    per_epoch = -(-json.loads((dataset / "metadata.json").read_text())["examples"]["train"] // 64)
+    assert sweep["best_k"] != 2  # the sweep starts the model at K=2: it was rebuilt
+    assert 2 * per_epoch <= metrics["optimizer_steps"] <= 2 * (per_epoch + 1)
 
 
 def test_the_optimizer_follows_lr_schedule_and_weight_decay():

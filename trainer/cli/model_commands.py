@@ -73,8 +73,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--loss", choices=("auto", "full", "sampled", "in_batch"), default="auto",
                    help="retrieval loss: full-catalog softmax, a mixed pool (in-batch + 1024 uniform negatives, "
                    "logQ-corrected), in-batch softmax with logQ, or auto (full up to 50,000 items, sampled beyond)")
-    m.add_argument("--item-prior", choices=("segment", "global", "none"), default="segment",
-                   help="learned item bias added to the score: per segment (default), global, or none")
+    m.add_argument("--item-prior", choices=("global", "segment", "none"), default="global",
+                   help="learned item bias added to the score: global (default), per segment (the user's segment "
+                        "lifts what it favours), or none")
     m.add_argument("--positions", choices=("auto", "all", "last"), default="auto",
                    help="transformer + full softmax: train every history slot on its next item (all), or only the "
                    "target (last); auto: last when every cut point is an example already (preprocess "

@@ -78,7 +78,7 @@ class TrainConfig:
     history_dropout: float = 0.2
     empty_history_rate: float = 0.0
     loss: str = "auto"  # auto (full up to FULL_SOFTMAX_MAX_ITEMS items, sampled beyond) | full | sampled | in_batch
-    item_prior: str = "segment"  # segment | global | none
+    item_prior: str = "global"  # global | segment | none (global: validation-chosen on ML-100K, see README)
     cold_query: str = "user"  # user | centroid
     positions: str = "auto"  # auto | all | last (see positions_for)
     use_text: bool = True  # False: the user tower ignores user_text (ablation)
@@ -224,10 +224,14 @@ def _optimizer(config: TrainConfig, train_steps: int) -> keras.optimizers.Optimi
     return keras.optimizers.Adam(lr)
 
 
+def steps_per_epoch(config: TrainConfig, num_train_examples: int) -> int:
+    """Optimizer steps per epoch: --steps-per-epoch, else one pass over the training examples."""
+    return max(config.steps_per_epoch or -(-int(num_train_examples) // config.batch_size), 1)
+
+
 def total_train_steps(config: TrainConfig, num_train_examples: int) -> int:
     """Optimizer steps of a run that goes to its last epoch: (warm-up + joint epochs) x steps per epoch."""
-    per_epoch = config.steps_per_epoch or -(-int(num_train_examples) // config.batch_size)
-    return (config.warmup_epochs + config.epochs) * max(per_epoch, 1)
+    return (config.warmup_epochs + config.epochs) * steps_per_epoch(config, num_train_examples)
 
 
 class _Throughput(keras.callbacks.Callback):
@@ -291,7 +295,8 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         k0 = config.segments if isinstance(config.segments, int) else config.segments_range[0]
         metadata = da.metadata(config.dataset_dir)
         policy = metadata.get("split", {})
-        steps = total_train_steps(config, int(metadata.get("examples", {}).get(ex.TRAIN, 0)))
+        num_train = int(metadata.get("examples", {}).get(ex.TRAIN, 0))
+        steps = total_train_steps(config, num_train)
         model = _model(config, catalog, encoder, k0, mixed, rule, int(policy.get("max_history", features.MAX_HISTORY)),
                        int(policy.get("text_history", features.TEXT_HISTORY)),
                        int(policy.get("max_examples_per_user", 0)), train_steps=steps)
@@ -336,6 +341,10 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
     resuming = tf.io.gfile.exists(rd.path(backup_dir, "training_metadata.json"))
     if not resuming:
         training.init_segments(model, train_ds, batches=50)
+        # The schedule goes on from the warm-up's last step, also when the model was rebuilt for the chosen K
+        # (a fresh optimizer) or the warm-up weights were read back from disk (BackupAndRestore restores the
+        # counter of a resumed joint phase itself).
+        model.optimizer.iterations.assign(config.warmup_epochs * steps_per_epoch(config, num_train))
     model.cluster_weight.assign(config.alpha)
 
     # Phase 4: joint training with early stopping and the best checkpoint on the validation metric.
@@ -369,6 +378,7 @@ def train(config: TrainConfig, env: Mapping[str, str] = None) -> TrainSummary:
         "history": history,
         "final": {config.select_metric: best, "beta": beta, "split": ex.VALID},
         "epochs_run": len(history.get("loss", [])),
+        "optimizer_steps": int(model.optimizer.iterations.numpy()),
         "selection": selection_record(config, rule, valid_queries, monitored, recall.monitor, beta, beta_curve, sweep),
         "throughput_examples_per_s": {"mean": float(np.mean(throughput.rates)) if throughput.rates else None,
                                       "encoder": "cached" if cache is not None else "in-graph"},
