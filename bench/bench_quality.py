@@ -53,6 +53,8 @@ ABLATIONS = {  # key -> (row name, TrainConfig overrides, forced beta)
     "no_text": ("no text", {"use_text": False}, None),
     "mean_history": ("mean history", {"history_encoder": "mean"}, None),
 }
+SEGMENTS_ON = ABLATIONS["segment_prior"][0]
+SEGMENTS_OFF = "beta = 0 (segment pull off)"  # the main run at beta 0, not retrained: no segment term in the score
 
 
 def _train_eval(dataset: str, run: str, args, segments, id_epochs, compare_run=None, seed=None,
@@ -94,9 +96,9 @@ def _ablations(dataset: str, work: str, prefix: str, args, segments, main_run: s
         res = evaluate.evaluate(evaluate.EvaluateConfig(run_dir=main_run, baselines=(), beta=0.0, seed=args.seed,
                                                         output_dir=os.path.join(work, f"{prefix}_beta0_eval")),
                                 progress=False)
-        out["beta = 0 (segment pull off)"] = _row(res)
+        out[SEGMENTS_OFF] = _row(res)
     else:
-        out["beta = 0 (segment pull off)"] = {**_row(main_results), "note": "validation chose beta 0: the full model"}
+        out[SEGMENTS_OFF] = {**_row(main_results), "note": "validation chose beta 0: the full model"}
     cache = rd.path(main_run, rd.TEXT_CACHE)
     for i, (key, (name, overrides, beta)) in enumerate(ABLATIONS.items()):
         if names is not None and key not in names:
@@ -258,8 +260,6 @@ def main(argv=None) -> dict:
     return result
 
 
-SEGMENTS_ON = ABLATIONS["segment_prior"][0]
-SEGMENTS_OFF = "beta = 0 (segment pull off)"  # the main run at beta 0: no segment term in the score
 NEW_USERS = "new users (profile text only)"
 SPARSE = "sparse users (last {n} items)"
 
